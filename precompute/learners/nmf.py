@@ -1,0 +1,179 @@
+"""NMF concept learner (ICE's reducer), on torch, CPU or CUDA.
+
+X (n, C) >= 0 pixel activations ~ W (n, k) codes @ H (k, C) basis, minimizing 1/2 ||X - W H||_F^2.
+Solvers (registry ``SOLVERS``): ``hals`` (accelerated HALS, Gillis & Glineur 2012: several cheap
+coordinate sweeps per pass over X, since the passes over X dominate) and ``mu`` (multiplicative
+updates, for reference). Init: NNDSVDa (Boutsidis & Gallopoulos 2008, zeros filled with the mean),
+as scikit-learn's default. Stops when the relative decrease of the loss over one outer iteration
+falls below ``tol``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+EPS = 1e-12
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/"auto": CUDA when present, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def nndsvda_init(x: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """NNDSVD with zeros replaced by the mean of X: W (n, k), H (k, C), both >= 0."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        u, s, v = torch.svd_lowrank(x, q=min(k + 10, min(x.shape)), niter=4)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    u, s, v = u[:, :k], s[:k], v[:, :k]
+    w = torch.zeros(x.shape[0], k, dtype=x.dtype, device=x.device)
+    h = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    w[:, 0] = s[0].sqrt() * u[:, 0].abs()
+    h[0] = s[0].sqrt() * v[:, 0].abs()
+    for j in range(1, k):
+        a, b = u[:, j], v[:, j]
+        ap, an, bp, bn = a.clamp(min=0), (-a).clamp(min=0), b.clamp(min=0), (-b).clamp(min=0)
+        apn, bpn, ann, bnn = ap.norm(), bp.norm(), an.norm(), bn.norm()
+        if apn * bpn >= ann * bnn:
+            uu, vv, sigma = ap / (apn + EPS), bp / (bpn + EPS), apn * bpn
+        else:
+            uu, vv, sigma = an / (ann + EPS), bn / (bnn + EPS), ann * bnn
+        lam = (s[j] * sigma).sqrt()
+        w[:, j] = lam * uu
+        h[j] = lam * vv
+    avg = x.mean()
+    w[w == 0] = avg / 100
+    h[h == 0] = avg / 100
+    return w, h
+
+
+def _hals_sweeps(w: torch.Tensor, xht: torch.Tensor, hht: torch.Tensor, max_sweeps: int, delta: float = 0.1
+                 ) -> torch.Tensor:
+    """Coordinate sweeps on W (n, k) for fixed XH^T (n, k) and HH^T (k, k); in place.
+
+    Stops after ``max_sweeps`` or once a sweep changes W by less than ``delta`` times the first.
+    """
+    first = None
+    for _ in range(max_sweeps):
+        change = w.new_zeros(())
+        for j in range(w.shape[1]):
+            old = w[:, j].clone()
+            w[:, j] = (w[:, j] + (xht[:, j] - w @ hht[:, j]) / (hht[j, j] + EPS)).clamp_(min=EPS)
+            change += (w[:, j] - old).square().sum()
+        if first is None:
+            first = change
+        elif change <= delta * delta * first:
+            break
+    return w
+
+
+def hals_fit(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, max_iter: int, tol: float,
+             inner: int = 10, callback: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Accelerated HALS from (W, H). Returns W, H and the number of outer iterations run."""
+    norm_x = x.square().sum()
+    prev = None
+    it = 0
+    for it in range(1, max_iter + 1):
+        xht, hht = x @ h.T, h @ h.T
+        w = _hals_sweeps(w, xht, hht, inner)
+        wtx, wtw = w.T @ x, w.T @ w
+        h = _hals_sweeps(h.T.contiguous(), wtx.T.contiguous(), wtw, inner).T.contiguous()
+        # ||X - WH||^2 from quantities already computed: ||X||^2 - 2 <W^T X, H> + <W^T W, H H^T>
+        loss = float((norm_x - 2 * (wtx * h).sum() + (wtw * (h @ h.T)).sum()).clamp(min=0) / 2)
+        if callback:
+            callback(it, loss)
+        if prev is not None and prev - loss <= tol * prev:
+            break
+        prev = loss
+    return w, h, it
+
+
+def mu_fit(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, max_iter: int, tol: float,
+           inner: int = 1, callback: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Multiplicative updates (Lee & Seung), Frobenius loss."""
+    prev = None
+    it = 0
+    for it in range(1, max_iter + 1):
+        h = h * (w.T @ x) / (w.T @ w @ h + EPS)
+        w = w * (x @ h.T) / (w @ (h @ h.T) + EPS)
+        loss = float((x - w @ h).square().sum() / 2)
+        if callback:
+            callback(it, loss)
+        if prev is not None and prev - loss <= tol * prev:
+            break
+        prev = loss
+    return w, h, it
+
+
+SOLVERS: dict[str, Callable] = {"hals": hals_fit, "mu": mu_fit}
+
+
+class NMF(nn.Module):
+    """Non-negative matrix factorization with fit / encode / decode.
+
+    ``components_`` (k, C) are the concept directions; ``encode`` gives codes (n, k) for new rows
+    by non-negative least squares with the basis fixed.
+    """
+
+    def __init__(self, n_components: int, solver: str = "hals", max_iter: int = 200, tol: float = 1e-4,
+                 seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown NMF solver {solver!r}; choose from {sorted(SOLVERS)}")
+        if n_components < 1:
+            raise ValueError("n_components must be at least 1")
+        self.n_components, self.solver, self.max_iter, self.tol, self.seed = n_components, solver, max_iter, tol, seed
+        self.device, self.dtype = resolve_device(device), dtype
+        self.register_buffer("components_", torch.zeros(0))
+        self.n_iter_ = 0
+        self.loss_ = float("nan")
+
+    def _as_input(self, x) -> torch.Tensor:
+        x = torch.as_tensor(x).to(self.device, self.dtype)
+        if x.ndim != 2:
+            raise ValueError(f"expected a 2-D (n, C) matrix, got shape {tuple(x.shape)}")
+        if (x < 0).any():
+            raise ValueError("NMF input must be non-negative")
+        return x
+
+    @torch.no_grad()
+    def fit_transform(self, x) -> torch.Tensor:
+        """Learn the basis from X (n, C); returns the training codes W (n, k)."""
+        x = self._as_input(x)
+        if x.shape[0] < self.n_components:
+            raise ValueError(f"{x.shape[0]} rows are too few for {self.n_components} components")
+        w, h = nndsvda_init(x, self.n_components, self.seed)
+        losses: list[float] = []
+        w, h, self.n_iter_ = SOLVERS[self.solver](x, w, h, self.max_iter, self.tol,
+                                                  callback=lambda i, l: losses.append(l))
+        self.loss_ = losses[-1] if losses else float("nan")
+        self.components_ = h
+        return w
+
+    def fit(self, x) -> "NMF":
+        self.fit_transform(x)
+        return self
+
+    @torch.no_grad()
+    def encode(self, x, max_iter: int = 200, tol: float = 1e-6) -> torch.Tensor:
+        """Codes (n, k) >= 0 of X (n, C) for the fixed basis (HALS on the codes only)."""
+        x = self._as_input(x)
+        h = self.components_
+        hht, xht = h @ h.T, x @ h.T
+        w = (xht @ torch.linalg.pinv(hht)).clamp(min=EPS)
+        for _ in range(max_iter):
+            old = w.clone()
+            _hals_sweeps(w, xht, hht, 1)
+            if (w - old).abs().max() <= tol * w.abs().max().clamp(min=EPS):
+                break
+        return w
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.components_

@@ -1,0 +1,238 @@
+"""Explainer bundle: the directory that precompute writes and the service loads.
+
+Layout (DESIGN.md, "Conventions")::
+
+    BUNDLE/
+      manifest.json          schema version, model, preprocessing, classes, method, metrics,
+                             flags, and a sha256 per file below
+      model.onnx             the CNN with two outputs: features (N,C,H,W) and logits (N,K)
+      head.safetensors       W (K,C), b (K,) for a GAP+linear head
+      head.onnx              the head h: features -> logits, for any other head
+      concepts.safetensors   per class y: basis/y (k,C), weights/y (k,), plus contrast tensors
+      prototypes.json        per class, per concept: the top crops (file, source, box, score)
+      prototypes/*.jpg       the crops
+
+No pickle anywhere: JSON, safetensors, ONNX and JPEG only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(Exception):
+    """A bundle that is missing, incomplete, corrupted or of another schema."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+@dataclass
+class Preprocessing:
+    """How an image becomes the model's input: resize short side, center crop, normalize."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]))
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class PrototypeRef:
+    """One prototype crop of a concept: the JPEG in the bundle and where it came from."""
+
+    file: str  # path relative to the bundle
+    source: str  # dataset key of the source image
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the model's input pixels (crop×crop)
+    score: float  # cosine similarity of the crop's mean activation to the concept
+
+
+@dataclass
+class ClassConcepts:
+    """What precompute learned for one class."""
+
+    class_id: int
+    name: str
+    basis: np.ndarray  # (k, C) float32, non-negative rows
+    weights: np.ndarray  # (k,) float32, d logit_y / d presence_j
+    metrics: dict = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    prototypes: list[list[PrototypeRef]] = field(default_factory=list)  # [concept][rank]
+    method: str = "nmf"
+
+    @property
+    def k(self) -> int:
+        return int(self.basis.shape[0])
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle."""
+
+    root: Path
+    manifest: dict
+    classes: dict[int, ClassConcepts]
+    class_names: list[str]
+    head_weight: np.ndarray | None  # (K, C) for a linear head, else None
+    head_bias: np.ndarray | None  # (K,)
+    preprocessing: Preprocessing
+    tensors: dict[str, np.ndarray]  # every tensor of concepts.safetensors, by name
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / self.manifest["model"]["onnx"]
+
+    @property
+    def head_kind(self) -> str:
+        return self.manifest["model"]["head"]["kind"]
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["model"]["feature_shape"])
+
+    def class_id(self, key: int | str) -> int:
+        """Resolve a class id or name (exact, case-insensitive) to the model's class index.
+
+        Raises KeyError with a clear message if no such class exists in the model.
+        """
+        if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.strip().isdigit()):
+            idx = int(key)
+            if 0 <= idx < len(self.class_names):
+                return idx
+            raise KeyError(f"class id {idx} is out of range (the model has {len(self.class_names)} classes)")
+        want = str(key).strip().lower()
+        for i, name in enumerate(self.class_names):
+            if name.lower() == want:
+                return i
+        raise KeyError(f"unknown class {key!r}")
+
+
+def compute_bundle_id(files: dict[str, str]) -> str:
+    """Bundle id: sha256 over the sorted (name, checksum) list, first 16 hex digits."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def load_manifest(root: Path) -> dict:
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {root} does not exist")
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: {root} is not a bundle (or precompute did not finish)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from e
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: schema version {manifest.get('schema_version')!r}, this conceptlens reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict) -> None:
+    """Check every file listed in the manifest against its sha256; raise BundleError naming the bad ones."""
+    root = Path(root)
+    bad = []
+    for name, digest in sorted(manifest.get("files", {}).items()):
+        path = root / name
+        if not path.is_file():
+            bad.append(f"{name} (missing)")
+        elif sha256_file(path) != digest:
+            bad.append(f"{name} (checksum mismatch)")
+    if bad:
+        raise BundleError(f"bundle {root} does not match its manifest: " + ", ".join(bad))
+    if compute_bundle_id(manifest.get("files", {})) != manifest.get("bundle_id"):
+        raise BundleError(f"bundle {root}: bundle_id does not match the file checksums in manifest.json")
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise BundleError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Load a bundle directory; with ``verify`` every file's checksum is checked first.
+
+    Raises BundleError with the offending file named if anything is missing or altered.
+    """
+    root = Path(root)
+    manifest = load_manifest(root)
+    if verify:
+        verify_files(root, manifest)
+    tensors = _load_safetensors(root / "concepts.safetensors")
+    head_w = head_b = None
+    head = manifest["model"]["head"]
+    if head["kind"] == "linear":
+        ht = _load_safetensors(root / head["file"])
+        head_w, head_b = ht["weight"].astype(np.float32), ht["bias"].astype(np.float32)
+    protos = {}
+    if (root / "prototypes.json").is_file():
+        protos = json.loads((root / "prototypes.json").read_text())
+    classes = {}
+    for key, info in manifest["classes"].items():
+        cid = int(key)
+        refs = [[PrototypeRef(p["file"], p["source"], tuple(p["box"]), float(p["score"])) for p in concept]
+                for concept in protos.get(key, [])]
+        classes[cid] = ClassConcepts(
+            class_id=cid, name=info["name"],
+            basis=np.ascontiguousarray(tensors[f"basis/{cid}"], dtype=np.float32),
+            weights=np.ascontiguousarray(tensors[f"weights/{cid}"], dtype=np.float32),
+            metrics=info.get("metrics", {}), flags=list(info.get("flags", [])), prototypes=refs,
+            method=info.get("method", manifest.get("method", {}).get("name", "nmf")))
+    return Bundle(root=root, manifest=manifest, classes=classes, class_names=list(manifest["class_names"]),
+                  head_weight=head_w, head_bias=head_b,
+                  preprocessing=Preprocessing.from_dict(manifest["preprocessing"]), tensors=tensors)

@@ -1,0 +1,192 @@
+"""The explain core: one image's features -> concept explanation of a class (DESIGN.md, "The math").
+
+Used by the gRPC server, the TorchServe handler and precompute's evaluation, so that what is
+evaluated offline is exactly what is served. numpy only: no torch on the serving path.
+
+For a GAP+linear head, with V the (H*W, C) pixel activations, P the class basis (k, C) and S the
+non-negative codes (H*W, k):
+
+    presence_j     s_j = mean_pixels S[:, j]
+    weight_j       w_j = P[j] . u              (u = W[y], or W[A] - W[B] for "A rather than B")
+    contribution_j c_j = s_j w_j
+    residual       r   = GAP(V - S P) . u
+    identity       target = sum_j c_j + r + bias,  target = logit_y (or logit_A - logit_B)
+
+For any other head h, weights come from the bundle (finite differences), the residual is
+h(A)_y - h(S P)_y and the bias is what remains: h(S P)_y - sum_j c_j.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .bundle import Bundle, ClassConcepts, PrototypeRef
+from .nnls import NNLSProjector
+
+HeadFn = Callable[[np.ndarray], np.ndarray]  # features (N, C, H, W) -> logits (N, K)
+
+
+@dataclass
+class ConceptScore:
+    concept: int  # index of the concept in the class basis
+    presence: float  # mean code over pixels (activation units)
+    weight: float  # logit units per unit of presence
+    contribution: float  # presence * weight, logit units
+    heatmap: np.ndarray  # (H, W) float32 codes on the feature grid
+    prototypes: list[PrototypeRef] = field(default_factory=list)
+
+
+@dataclass
+class ClassExplanation:
+    class_id: int
+    name: str
+    target: float  # the logit explained: logit_y, or logit_A - logit_B with a contrast class
+    bias: float
+    residual: float
+    relative_residual: float  # |r| / (sum_j |c_j| + |r|): share of the explanation left unexplained
+    concepts: list[ConceptScore]  # sorted by |contribution|, largest first
+    flags: list[str]
+    method: str
+    contrast_class: int | None = None
+
+    @property
+    def identity_error(self) -> float:
+        """|sum c + r + bias - target| over all concepts kept (exact when none were dropped)."""
+        return abs(sum(c.contribution for c in self.concepts) + self.residual + self.bias - self.target)
+
+
+@dataclass
+class Prediction:
+    class_id: int
+    name: str
+    logit: float
+    probability: float
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def top_predictions(logits: np.ndarray, class_names: list[str], k: int) -> list[Prediction]:
+    """The k largest of ``logits`` (K,) with names and softmax probabilities."""
+    probs = softmax(logits)
+    k = max(0, min(k, logits.shape[-1]))
+    idx = np.argpartition(-logits, k - 1)[:k] if k else np.array([], dtype=int)
+    idx = idx[np.argsort(-logits[idx])]
+    return [Prediction(int(i), class_names[i], float(logits[i]), float(probs[i])) for i in idx]
+
+
+class Explainer:
+    """Explains classes of one bundle. Per-basis constants are computed once, here."""
+
+    def __init__(self, bundle: Bundle, head: HeadFn | None = None,
+                 contrast_bases: Callable[[int, int], tuple[np.ndarray, str] | None] | None = None):
+        """``head`` is required for a bundle whose head is not linear (``head.onnx`` run by the caller).
+
+        ``contrast_bases(a, b)`` may return a (k, C) basis (and its method name) for "a rather than
+        b"; without one the class basis of ``a`` is used with the contrast weights.
+        """
+        self.bundle = bundle
+        self.head = head
+        self.contrast_bases = contrast_bases
+        if bundle.head_kind != "linear" and head is None:
+            raise ValueError("this bundle's head is not linear: pass its head function")
+        self._projectors = {cid: NNLSProjector.from_basis(c.basis) for cid, c in bundle.classes.items()}
+        self._contrast_projectors: dict[tuple[int, int], tuple[NNLSProjector, str]] = {}
+
+    def projector(self, class_id: int) -> NNLSProjector:
+        try:
+            return self._projectors[class_id]
+        except KeyError:
+            raise KeyError(f"class {class_id} ({self.bundle.class_names[class_id]!r}) has no concepts "
+                           f"in this bundle") from None
+
+    def concepts_of(self, class_id: int) -> ClassConcepts:
+        self.projector(class_id)
+        return self.bundle.classes[class_id]
+
+    def _contrast_projector(self, a: int, b: int) -> tuple[NNLSProjector, str]:
+        key = (a, b)
+        if key not in self._contrast_projectors:
+            found = self.contrast_bases(a, b) if self.contrast_bases else None
+            if found is None:
+                self._contrast_projectors[key] = (self.projector(a), self.bundle.classes[a].method)
+            else:
+                basis, method = found
+                self._contrast_projectors[key] = (NNLSProjector.from_basis(basis), method)
+        return self._contrast_projectors[key]
+
+    def explain(self, features: np.ndarray, logits: np.ndarray, class_id: int,
+                contrast: int | None = None, max_concepts: int | None = None,
+                with_heatmaps: bool = True) -> ClassExplanation:
+        """Explain ``class_id`` for one image.
+
+        features: (C, H, W) float32 activations of the bundle's layer; logits: (K,) of the model.
+        ``contrast``: explain logit_class - logit_contrast ("why class rather than contrast").
+        ``max_concepts`` keeps the largest contributions; the dropped ones are added to the bias
+        line only through the identity check, so keep all of them where the identity matters.
+        """
+        if contrast is not None and contrast == class_id:
+            raise ValueError("the contrast class must differ from the explained class")
+        bundle = self.bundle
+        cc = self.concepts_of(class_id)
+        c, h, w = features.shape
+        v = features.reshape(c, h * w).T  # (HW, C) view, no copy
+        if contrast is None:
+            proj, method = self.projector(class_id), cc.method
+        else:
+            if not 0 <= contrast < len(bundle.class_names):
+                raise KeyError(f"contrast class id {contrast} is out of range")
+            proj, method = self._contrast_projector(class_id, contrast)
+        codes = proj.project(v)  # (HW, k)
+        presence = codes.mean(axis=0)  # (k,)
+        mean_v = v.mean(axis=0)  # (C,)
+        recon_mean = presence @ proj.basis  # (C,) = GAP(S P)
+        if bundle.head_kind == "linear":
+            u = bundle.head_weight[class_id].astype(np.float32)
+            bias = float(bundle.head_bias[class_id])
+            if contrast is not None:
+                u = u - bundle.head_weight[contrast]
+                bias -= float(bundle.head_bias[contrast])
+            weights = proj.basis @ u
+            target = float(logits[class_id] - (logits[contrast] if contrast is not None else 0.0))
+            residual = float((mean_v - recon_mean) @ u)
+        else:
+            recon = (codes @ proj.basis).T.reshape(1, c, h, w).astype(np.float32)
+            rl = self.head(recon)[0]
+            sel = (lambda z: z[class_id] - (z[contrast] if contrast is not None else 0.0))
+            weights = (cc.weights if contrast is None else self._fd_weights(proj.basis, class_id, contrast))
+            target = float(sel(logits))
+            residual = target - float(sel(rl))
+            bias = float(sel(rl)) - float(presence @ weights)
+        contrib = presence * weights
+        order = np.argsort(-np.abs(contrib), kind="stable")
+        if max_concepts is not None:
+            order = order[:max_concepts]
+        refs = cc.prototypes if contrast is None or proj is self._projectors.get(class_id) else []
+        concepts = [ConceptScore(
+            concept=int(j), presence=float(presence[j]), weight=float(weights[j]),
+            contribution=float(contrib[j]),
+            heatmap=codes[:, j].reshape(h, w) if with_heatmaps else np.zeros((0, 0), np.float32),
+            prototypes=list(refs[j]) if j < len(refs) else []) for j in order]
+        denom = float(np.abs(contrib).sum()) + abs(residual)
+        return ClassExplanation(
+            class_id=class_id, name=bundle.class_names[class_id], target=target, bias=bias,
+            residual=residual, relative_residual=abs(residual) / denom if denom > 0 else 0.0,
+            concepts=concepts, flags=list(cc.flags), method=method, contrast_class=contrast)
+
+    def _fd_weights(self, basis: np.ndarray, a: int, b: int) -> np.ndarray:
+        """Contrast weights for a non-linear head: derivative of logit_a - logit_b along each concept."""
+        c, h, w = self.bundle.feature_shape
+        eps = 1e-2
+        base = np.zeros((1, c, h, w), np.float32)
+        probes = np.concatenate([base + (s * eps * basis[j])[None, :, None, None]
+                                 for j in range(basis.shape[0]) for s in (1, -1)])
+        z = self.head(probes)
+        d = (z[:, a] - z[:, b]).reshape(-1, 2)
+        return ((d[:, 0] - d[:, 1]) / (2 * eps)).astype(np.float32)
