@@ -1,0 +1,40 @@
+# conceptlens: `make demo` and `make test` are the two commands a newcomer needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# torch's CUDA build (runs on the CPU too); pinned so pip takes the copies on local disk where present.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast proto bench lint-proto clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel grpcio-tools
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q --no-build-isolation -e '.[precompute,test,torchserve]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+proto: $(STAMP)
+	$(PY) -c "exec(open('setup.py').read().split('class BuildWithProtos')[0]); generate_protos()"
+
+demo: $(STAMP) proto
+	$(PY) -m conceptlens.service.demo --out demo-out
+
+test: $(STAMP) proto
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP) proto
+	$(PY) -m pytest -q -ra -m "not slow"
+
+bench: $(STAMP) proto
+	$(PY) bench/bench_nmf.py
+
+lint-proto:
+	npx --yes @bufbuild/buf lint
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache build *.egg-info

@@ -1,0 +1,325 @@
+"""Serving benchmark: bare ONNX Runtime vs the gRPC service, side by side in one run.
+
+For each model (EfficientNet-Lite0 with its ImageNet weights, ResNet-50 with random weights; both
+with random non-negative concept bases for all 1000 classes, which is fine for timing):
+
+  1. bare ONNX Runtime on the already decoded tensor: batch-1 latency and batched throughput
+     (batch = the server's max batch size), same session settings as the server;
+  2. the server (`conceptlens serve`, a separate process, no cache): Explain and a plain
+     prediction (top_k = 0, same decode, same server) at batch 1 (one client, sequential), and
+     throughput with 16 concurrent clients;
+  3. the server with a cache (Redis and the in-process LRU): a miss (new image) vs a hit (same
+     image again).
+
+Printed: ratios, with the medians they come from. Goals (issue 3): Explain latency <= 1.10x bare
+inference; Explain throughput >= 0.9x bare batched inference; a cache hit >= 20x faster than a miss.
+
+    .venv/bin/python bench/bench_serving.py [--models efficientnet-lite0,resnet50] [--quick]
+
+Bundles are built once under --workdir (needs the precompute extras: torch, torchvision, onnx).
+Clients and server share this machine's cores, as they would on one host.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = Path(os.environ.get("CONCEPTLENS_BENCH_IMAGES", "/work/shared/data/imagenet-samples"))
+
+
+# -- bundles -----------------------------------------------------------------------------------
+def build_bundle(model_name: str, out: Path, k: int = 10, seed: int = 0) -> Path:
+    """A timing bundle: the real model exported to ONNX, random non-negative bases for every class."""
+    if (out / "manifest.json").is_file():
+        return out
+    from conceptlens.precompute.bundle_writer import write_bundle
+    from conceptlens.precompute.models import export_onnx, load_model
+
+    model = load_model(model_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx_path = out.parent / f"{out.name}.onnx"
+    export_onnx(model, onnx_path)
+    rng = np.random.default_rng(seed)
+    w = model.head_weight.numpy().astype(np.float32)
+    b = model.head_bias.numpy().astype(np.float32)
+    c = model.feature_shape[0]
+    classes, tensors = {}, {}
+    for cid, name in enumerate(model.class_names):
+        basis = np.abs(rng.standard_normal((k, c))).astype(np.float32)
+        basis *= rng.random((k, c)) < 0.2  # sparse, like NMF directions
+        tensors[f"basis/{cid}"] = basis
+        tensors[f"weights/{cid}"] = (basis @ w[cid]).astype(np.float32)
+        classes[cid] = {"name": name, "k": k, "method": "random-timing", "metrics": {}, "flags": []}
+    write_bundle(out, model_onnx=onnx_path,
+                 model_info={"name": model.name, "sha256": model.weights_sha256, "layer": model.layer,
+                             "feature_shape": list(model.feature_shape), "num_classes": len(model.class_names)},
+                 class_names=model.class_names, preprocessing=model.preprocessing, head_weight=w, head_bias=b,
+                 head_onnx=None, classes=classes, tensors=tensors, prototypes={}, prototype_jpegs={},
+                 method={"name": "random-timing", "k": k})
+    onnx_path.unlink(missing_ok=True)
+    return out
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unique(image: bytes) -> bytes:
+    """The same JPEG with a nonce after its end marker: decodes the same, hashes differently."""
+    return image + b"\xff\xfe" + uuid.uuid4().bytes  # trailing bytes after EOI are ignored by decoders
+
+
+def median_ms(xs) -> float:
+    return statistics.median(xs) * 1e3
+
+
+class ServerProcess:
+    def __init__(self, bundle: Path, args: argparse.Namespace, *extra: str):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "conceptlens.service.cli", "--log-level", "WARNING", "serve",
+               "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0",
+               "--max-batch-size", str(args.max_batch_size), "--intra-op-threads", str(args.threads),
+               "--workers", str(args.workers), *(["--ort-spin"] if args.spin else []), *extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT)
+        from conceptlens.service.client import ExplainClient
+
+        with ExplainClient(self.target) as c:
+            c.wait_ready(300)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+# -- measurements ------------------------------------------------------------------------------
+class BareOnnx:
+    """ONNX Runtime alone on already decoded tensors, with the server's session settings."""
+
+    def __init__(self, bundle_dir: Path, images: list[bytes], args):
+        from conceptlens.service.bundle import load_bundle
+        from conceptlens.service.preprocess import preprocess_bytes
+        from conceptlens.service.runtime import OnnxRuntime
+
+        bundle = load_bundle(bundle_dir, verify=False)
+        self.rt = OnnxRuntime(bundle.model_path, device=args.device, intra_op_threads=args.threads, spin=args.spin)
+        self.xs = [preprocess_bytes(im, bundle.preprocessing)[0] for im in images]
+        self.n = args.max_batch_size
+        self.batch = np.stack([self.xs[i % len(self.xs)] for i in range(self.n)])
+        for _ in range(3):
+            self.rt.run(self.xs[0][None])
+            self.rt.run(self.batch)
+
+    def latencies(self, count: int) -> list[float]:
+        out = []
+        for i in range(count):
+            x = self.xs[i % len(self.xs)][None]
+            t = time.perf_counter()
+            self.rt.run(x)
+            out.append(time.perf_counter() - t)
+        return out
+
+    def throughput(self, images: int) -> float:
+        rounds = max(1, images // self.n)
+        t = time.perf_counter()
+        for _ in range(rounds):
+            self.rt.run(self.batch)
+        return rounds * self.n / (time.perf_counter() - t)
+
+    def close(self):
+        self.rt.close()
+
+
+class Clients:
+    """grpc.aio clients of one server: a sequential caller and ``clients`` concurrent ones."""
+
+    def __init__(self, target: str, images: list[bytes], clients: int):
+        import grpc
+
+        from conceptlens.service.client import channel_options
+        from conceptlens.v1 import explain_service_pb2 as pb
+        from conceptlens.v1 import explain_service_pb2_grpc as pb_grpc
+
+        self.pb, self.images = pb, images
+        self.loop = asyncio.new_event_loop()
+        self.channels = [grpc.aio.insecure_channel(target, options=channel_options()) for _ in range(clients)]
+        self.stubs = [pb_grpc.ExplainServiceStub(ch) for ch in self.channels]
+        warm = self.pb.ExplainRequest(image=unique(images[0]), options=self.pb.ExplainOptions(top_k=0))
+        self.loop.run_until_complete(asyncio.gather(*(s.Explain(warm) for s in self.stubs)))
+
+    def sequential(self, options, count: int, fresh: bool = True) -> list[float]:
+        """Latencies of ``count`` requests one after the other (new image bytes each, unless not fresh)."""
+        async def run():
+            stub, out = self.stubs[0], []
+            for i in range(count):
+                image = unique(self.images[i % len(self.images)]) if fresh else self.images[0]
+                request = self.pb.ExplainRequest(image=image, options=options)
+                t = time.perf_counter()
+                await stub.Explain(request)
+                out.append(time.perf_counter() - t)
+            return out
+        return self.loop.run_until_complete(run())
+
+    def concurrent(self, options, total: int) -> float:
+        """Images per second with all clients calling at once, each on its own channel."""
+        per = max(1, total // len(self.stubs))
+        requests = [[self.pb.ExplainRequest(image=unique(self.images[(c * per + i) % len(self.images)]),
+                                            options=options) for i in range(per)] for c in range(len(self.stubs))]
+
+        async def one(stub, reqs):
+            for r in reqs:
+                await stub.Explain(r)
+
+        async def run():
+            t = time.perf_counter()
+            await asyncio.gather(*(one(s, r) for s, r in zip(self.stubs, requests)))
+            return len(self.stubs) * per / (time.perf_counter() - t)
+        return self.loop.run_until_complete(run())
+
+    def close(self):
+        for ch in self.channels:
+            self.loop.run_until_complete(ch.close())
+        self.loop.close()
+
+
+def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
+    """All measurements of one model, interleaved round by round so that load changes hit all alike."""
+    from conceptlens.v1 import explain_service_pb2 as pb
+
+    explain = pb.ExplainOptions(top_k=1, prototypes_per_concept=0)  # top-1 class, all its concepts
+    plain = pb.ExplainOptions(top_k=0)  # predictions only: same server, same decode
+    res = {"model": name}
+    bare = BareOnnx(bundle, images, args)
+    print(f"[{name}] bare ONNX Runtime vs the server without cache, {args.rounds} interleaved rounds ...", flush=True)
+    srv = ServerProcess(bundle, args, "--cache-size", "0")
+    clients = Clients(srv.target, images, args.clients)
+    lat = {"bare": [], "explain": [], "plain": []}
+    thr = {"bare": [], "explain": [], "plain": []}
+    try:
+        per_round = max(1, args.latency_requests // args.rounds)
+        per_round_t = max(args.max_batch_size, args.throughput_requests // args.rounds)
+        for _ in range(args.rounds):
+            lat["bare"] += bare.latencies(per_round)
+            lat["explain"] += clients.sequential(explain, per_round)
+            lat["plain"] += clients.sequential(plain, per_round)
+        for _ in range(args.rounds):
+            thr["bare"].append(bare.throughput(per_round_t))
+            thr["explain"].append(clients.concurrent(explain, per_round_t))
+            thr["plain"].append(clients.concurrent(plain, per_round_t))
+    finally:
+        clients.close()
+        srv.stop()
+        bare.close()
+    res["bare"] = {"latency_ms": median_ms(lat["bare"]), "throughput": statistics.median(thr["bare"])}
+    res["explain_latency_ms"], res["plain_latency_ms"] = median_ms(lat["explain"]), median_ms(lat["plain"])
+    res["explain_throughput"] = statistics.median(thr["explain"])
+    res["plain_throughput"] = statistics.median(thr["plain"])
+    res["throughput_ratio_per_round"] = [e / b for e, b in zip(thr["explain"], thr["bare"])]
+    for backend in args.cache_backends:
+        print(f"[{name}] cache misses vs hits, {backend} ...", flush=True)
+        extra = ["--redis-url", args.redis_url, "--cache-namespace", f"bench-{uuid.uuid4().hex[:8]}"] \
+            if backend == "redis" else ["--cache-size", "4096"]
+        srv = ServerProcess(bundle, args, *extra)
+        clients = Clients(srv.target, images, 1)
+        miss, hit = [], []
+        try:
+            clients.sequential(explain, 1, fresh=False)  # the image that will hit
+            per_round = max(1, args.cache_requests // args.rounds)
+            for _ in range(args.rounds):
+                miss += clients.sequential(explain, per_round, fresh=True)
+                hit += clients.sequential(explain, per_round, fresh=False)
+        finally:
+            clients.close()
+            srv.stop()
+        res[f"{backend}_miss_ms"], res[f"{backend}_hit_ms"] = median_ms(miss), median_ms(hit)
+    return res
+
+
+def report(results: list[dict], args) -> str:
+    lines = [f"conceptlens serving benchmark — {os.cpu_count()} CPUs, device {args.device}, max batch "
+             f"{args.max_batch_size}, {args.clients} concurrent clients, ORT threads "
+             f"{args.threads or 'default'}, medians", ""]
+    head = f"{'':44}" + "".join(f"{r['model']:>22}" for r in results)
+    lines.append(head)
+
+    def row(label, fn):
+        lines.append(f"{label:44}" + "".join(f"{fn(r):>22}" for r in results))
+
+    row("bare ORT batch-1 latency (ms)", lambda r: f"{r['bare']['latency_ms']:.2f}")
+    row("Explain batch-1 latency (ms)", lambda r: f"{r['explain_latency_ms']:.2f}")
+    row("plain prediction batch-1 latency (ms)", lambda r: f"{r['plain_latency_ms']:.2f}")
+    row("  Explain / bare latency   (goal <= 1.10)", lambda r: f"{r['explain_latency_ms'] / r['bare']['latency_ms']:.3f}")
+    row("  plain / bare latency (serving overhead)", lambda r: f"{r['plain_latency_ms'] / r['bare']['latency_ms']:.3f}")
+    row("  Explain / plain latency (explain cost)", lambda r: f"{r['explain_latency_ms'] / r['plain_latency_ms']:.3f}")
+    row(f"bare ORT batch-{args.max_batch_size} throughput (img/s)", lambda r: f"{r['bare']['throughput']:.1f}")
+    row(f"Explain throughput, {args.clients} clients (img/s)", lambda r: f"{r['explain_throughput']:.1f}")
+    row(f"plain throughput, {args.clients} clients (img/s)", lambda r: f"{r['plain_throughput']:.1f}")
+    row("  Explain / bare throughput (goal >= 0.90)", lambda r: f"{r['explain_throughput'] / r['bare']['throughput']:.3f}")
+    row("  plain / bare throughput", lambda r: f"{r['plain_throughput'] / r['bare']['throughput']:.3f}")
+    row("  Explain / bare throughput, per round", lambda r: " ".join(f"{v:.2f}" for v in r["throughput_ratio_per_round"]))
+    for backend in args.cache_backends:
+        row(f"{backend} cache miss / hit (ms)", lambda r, b=backend: f"{r[f'{b}_miss_ms']:.2f} / {r[f'{b}_hit_ms']:.3f}")
+        row(f"  {backend} miss / hit      (goal >= 20)", lambda r, b=backend: f"{r[f'{b}_miss_ms'] / r[f'{b}_hit_ms']:.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="efficientnet-lite0,resnet50")
+    p.add_argument("--workdir", default=str(ROOT / ".cache" / "bench"))
+    p.add_argument("--images", type=int, default=32, help="distinct images from the sample set")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--spin", action="store_true", help="let ORT threads spin (server and bare alike)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--latency-requests", type=int, default=100)
+    p.add_argument("--throughput-requests", type=int, default=480)
+    p.add_argument("--cache-requests", type=int, default=100)
+    p.add_argument("--cache-backends", default="redis,memory")
+    p.add_argument("--redis-url", default=os.environ.get("CONCEPTLENS_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of each measurement")
+    p.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    args = p.parse_args(argv)
+    args.cache_backends = [b for b in args.cache_backends.split(",") if b]
+    if args.quick:
+        args.latency_requests, args.throughput_requests, args.cache_requests, args.rounds = 15, 96, 15, 3
+    files = sorted(IMAGES.glob("*.jpg"))[: args.images]
+    if not files:
+        print(f"no images in {IMAGES}", file=sys.stderr)
+        return 2
+    images = [f.read_bytes() for f in files]
+    results = []
+    for name in [m for m in args.models.split(",") if m]:
+        bundle = build_bundle(name, Path(args.workdir) / f"{name}-timing")
+        results.append(bench_model(name, bundle, images, args))
+    text = report(results, args)
+    print()
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Feature extraction: images -> per-class bounded reservoirs of feature maps.
+
+Memory is bounded by ``max_per_class`` images per class (Algorithm R reservoir sampling, seeded),
+whatever the size of the data. Each kept image carries its feature map (float16), the model's
+predicted class, its label and the 224x224 view the model saw (JPEG bytes, for prototype crops).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from ..service.bundle import Preprocessing
+from ..service.preprocess import ImageError, preprocess_bytes
+from .datasets import Dataset, Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Record:
+    """One kept image."""
+
+    key: str
+    features: np.ndarray  # (C, H, W) float16
+    predicted: int
+    label: int | None
+    view_jpeg: bytes  # the crop x crop RGB view the model saw, JPEG
+
+
+@dataclass
+class Reservoir:
+    """At most ``capacity`` records, each of the ``seen`` offered ones kept with equal probability."""
+
+    capacity: int
+    seen: int = 0
+    items: list[Record] = field(default_factory=list)
+
+    def offer(self, rec: Record, rng: random.Random) -> None:
+        self.seen += 1
+        if len(self.items) < self.capacity:
+            self.items.append(rec)
+        else:
+            j = rng.randrange(self.seen)
+            if j < self.capacity:
+                self.items[j] = rec
+
+
+@dataclass
+class ExtractResult:
+    reservoirs: dict[int, Reservoir]
+    processed: int = 0
+    skipped: int = 0
+    skipped_keys: list[str] = field(default_factory=list)
+
+
+class Progress:
+    """Logs a line every ``every`` seconds: done, rate, and whatever ``extra`` says."""
+
+    def __init__(self, what: str, total: int | None = None, every: float = 5.0):
+        self.what, self.total, self.every = what, total, every
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def update(self, n: int = 1, extra: str = "", force: bool = False) -> None:
+        self.done += n
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            of = f"/{self.total}" if self.total else ""
+            log.info("%s: %d%s (%.1f/s)%s", self.what, self.done, of, rate, f", {extra}" if extra else "")
+
+
+def _encode_view(view) -> bytes:
+    buf = io.BytesIO()
+    view.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _decode(sample: Sample, pre: Preprocessing):
+    try:
+        x, view = preprocess_bytes(sample.data, pre)
+        return sample, x, _encode_view(view), None
+    except ImageError as e:
+        return sample, None, None, str(e)
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterator, ahead: int) -> Iterator:
+    """Like pool.map, in order, but with at most ``ahead`` items in flight (Executor.map submits all)."""
+    from collections import deque
+
+    window: deque = deque()
+    for item in items:
+        window.append(pool.submit(fn, item))
+        if len(window) >= ahead:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
+
+
+def _batches(it: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in it:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (N,3,S,S) -> features, logits
+
+
+def extract(dataset: Dataset, forward: Forward, preprocessing: Preprocessing, *,
+            group_of: Callable[[int | None, int], int | None], shard: tuple[int, int] = (0, 1),
+            batch_size: int = 32, max_per_class: int = 200, seed: int = 0, workers: int = 2) -> ExtractResult:
+    """Run the model over the shard's samples (index % n == i) and keep per-class reservoirs.
+
+    ``forward`` is the exported model (the same ONNX the service runs, so precompute sees exactly
+    the features the service will). ``group_of(label, predicted)`` gives the class an image
+    belongs to (None: drop it). An image that cannot be decoded is skipped, logged and counted.
+    """
+    i, n = shard
+    rng = random.Random(seed * 1_000_003 + i)
+    result = ExtractResult(reservoirs={})
+    progress = Progress("extract images")
+    samples = (s for s in dataset if s.index % n == i)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoded = _bounded_map(pool, lambda s: _decode(s, preprocessing), samples, ahead=2 * batch_size)
+        for batch in _batches(decoded, batch_size):
+            ok = []
+            for sample, x, jpeg, err in batch:
+                if err is None:
+                    ok.append((sample, x, jpeg))
+                else:
+                    result.skipped += 1
+                    if len(result.skipped_keys) < 100:
+                        result.skipped_keys.append(sample.key)
+                    log.warning("skipping %s: %s", sample.key, err)
+            if not ok:
+                continue
+            feats, logits = forward(np.stack([x for _, x, _ in ok]))
+            preds = logits.argmax(axis=1)
+            feats16 = feats.astype(np.float16)
+            for (sample, _, jpeg), f, p in zip(ok, feats16, preds):
+                cls = group_of(sample.label, int(p))
+                if cls is None:
+                    continue
+                res = result.reservoirs.setdefault(cls, Reservoir(max_per_class))
+                res.offer(Record(sample.key, f, int(p), sample.label, jpeg), rng)
+            result.processed += len(ok)
+            progress.update(len(ok), extra=f"{result.skipped} skipped, {len(result.reservoirs)} classes")
+    progress.update(0, extra=f"{result.skipped} skipped, {len(result.reservoirs)} classes", force=True)
+    return result
+
+
+def save_part(path: Path, result: ExtractResult, config_hash: str) -> None:
+    """Write one extraction part as a single safetensors file (atomic)."""
+    from safetensors.numpy import save
+
+    from ..service.bundle import atomic_write_bytes
+
+    tensors: dict[str, np.ndarray] = {}
+    info: dict = {"config_hash": config_hash, "processed": result.processed, "skipped": result.skipped,
+                  "skipped_keys": result.skipped_keys, "classes": {}}
+    for cls, res in result.reservoirs.items():
+        tensors[f"feat/{cls}"] = np.stack([r.features for r in res.items])
+        for j, r in enumerate(res.items):
+            tensors[f"jpeg/{cls}/{j}"] = np.frombuffer(r.view_jpeg, dtype=np.uint8)
+        info["classes"][str(cls)] = {"seen": res.seen, "keys": [r.key for r in res.items],
+                                     "predicted": [r.predicted for r in res.items],
+                                     "labels": [r.label for r in res.items]}
+    atomic_write_bytes(path, save(tensors, metadata={"info": json.dumps(info)}))
+
+
+def load_part(path: Path) -> tuple[dict, dict[int, list[Record]]]:
+    """Read a part written by :func:`save_part`: (info, class -> records)."""
+    from safetensors.numpy import load
+
+    data = path.read_bytes()
+    tensors = load(data)
+    from safetensors import safe_open  # metadata only
+
+    with safe_open(str(path), framework="numpy") as f:
+        info = json.loads(f.metadata()["info"])
+    out: dict[int, list[Record]] = {}
+    for key, c in info["classes"].items():
+        cls = int(key)
+        feats = tensors[f"feat/{cls}"]
+        out[cls] = [Record(k, feats[j], p, l, tensors[f"jpeg/{cls}/{j}"].tobytes())
+                    for j, (k, p, l) in enumerate(zip(c["keys"], c["predicted"], c["labels"]))]
+    return info, out

@@ -1,0 +1,486 @@
+"""The precompute job: extract -> learn (per class) -> merge, shardable and resumable.
+
+Work directory (``--work``, default ``BUNDLE.work``)::
+
+    config.json                               the run's configuration and its hash
+    features/part-00000-of-00002.safetensors  extraction of data shard i (samples with index % n == i)
+    classes/<class id>.safetensors            everything learned for one class (basis, weights,
+                                              prototypes, metrics); class y belongs to shard y % n
+
+Every file is written atomically, so a killed run leaves only finished files, and a rerun with the
+same configuration skips them. ``learn`` needs all extraction parts; ``merge`` needs all classes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..service.bundle import atomic_write_bytes, atomic_write_json
+from .datasets import Dataset, open_dataset
+from .evaluate import evaluate_class, single_class_explainer
+from .features import Progress, Record, extract, load_part, save_part
+from .models import SplitModel, export_head_onnx, export_onnx, load_model
+from .prototypes import CropPool, cosine_scores, crop_jpeg, top_crops
+
+log = logging.getLogger(__name__)
+
+# Fields that change what is learned; the rest (paths, shard, device, batch size) do not.
+_HASHED = ("model", "weights", "layer", "data", "group_by", "method", "concepts", "min_images", "max_images",
+           "held_out", "prototypes", "prototype_cells", "prototypes_exclude_class", "classes", "seed",
+           "nmf_max_iter", "nmf_tol", "method_params")
+
+
+class JobError(ValueError):
+    """A precompute run that cannot go on: the message says why and what to do."""
+
+
+@dataclass
+class PrecomputeConfig:
+    model: str
+    data: str
+    out: str
+    weights: str | None = None
+    layer: str | None = None
+    work: str | None = None
+    group_by: str = "predicted"  # "label" | "predicted"
+    method: str = "nmf"
+    method_params: dict = field(default_factory=dict)
+    concepts: int = 10
+    min_images: int = 20
+    max_images: int = 200
+    held_out: float = 0.2
+    prototypes: int = 5
+    prototype_cells: int = 2
+    prototypes_exclude_class: bool = False
+    classes: list[str] | None = None
+    seed: int = 0
+    nmf_max_iter: int = 200
+    nmf_tol: float = 1e-4
+    batch_size: int = 32
+    device: str = "auto"
+    shard: tuple[int, int] = (0, 1)
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.work) if self.work else Path(str(self.out).rstrip("/") + ".work")
+
+    def config_hash(self) -> str:
+        d = asdict(self)
+        d["weights_sha"] = _file_sha(self.weights) if self.weights else None
+        return hashlib.sha256(json.dumps({k: d[k] for k in (*_HASHED, "weights_sha")}, sort_keys=True,
+                                         default=str).encode()).hexdigest()[:16]
+
+
+def _file_sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(p) for p in str(text).split("/"))
+    except ValueError:
+        raise JobError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise JobError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def _device(name: str) -> torch.device:
+    from .learners.nmf import resolve_device
+
+    return resolve_device(name)
+
+
+class Job:
+    """One precompute run; the stages can run in separate processes (sharded) or all in one."""
+
+    def __init__(self, cfg: PrecomputeConfig):
+        self.cfg = cfg
+        self.work = cfg.work_dir
+        self.hash = cfg.config_hash()
+        self._model: SplitModel | None = None
+        self._dataset: Dataset | None = None
+
+    # ---- shared pieces -------------------------------------------------------------------------
+    @property
+    def model(self) -> SplitModel:
+        if self._model is None:
+            self._model = load_model(self.cfg.model, self.cfg.weights, self.cfg.layer)
+            self._model.to(_device(self.cfg.device))
+        return self._model
+
+    @property
+    def dataset(self) -> Dataset:
+        if self._dataset is None:
+            self._dataset = open_dataset(self.cfg.data)
+        return self._dataset
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.work / "model.onnx"
+
+    def export(self) -> Path:
+        """Export the model to ONNX once per work directory (atomic: concurrent shards are safe)."""
+        if not self.onnx_path.is_file():
+            import os
+            import tempfile
+
+            fd, tmp = tempfile.mkstemp(dir=self.work, suffix=".onnx.tmp")
+            os.close(fd)
+            try:
+                export_onnx(self.model, tmp)
+                os.replace(tmp, self.onnx_path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            log.info("exported %s (%s, layer %s) to %s", self.model.name, self.cfg.model, self.model.layer,
+                     self.onnx_path)
+        return self.onnx_path
+
+    def onnx_forward(self):
+        """The exported model as a function (N,3,S,S) float32 -> (features, logits), on ONNX Runtime."""
+        from ..service.runtime_onnx import create_session
+
+        session = create_session(self.export(), device=self.cfg.device)
+        return lambda x: tuple(session.run(["features", "logits"], {"image": x}))
+
+    def part_path(self, i: int, n: int) -> Path:
+        return self.work / "features" / f"part-{i:05d}-of-{n:05d}.safetensors"
+
+    def class_path(self, cid: int) -> Path:
+        return self.work / "classes" / f"{cid}.safetensors"
+
+    def _check_work_dir(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        cfg_file = self.work / "config.json"
+        if cfg_file.is_file():
+            old = json.loads(cfg_file.read_text())
+            if old.get("config_hash") != self.hash:
+                raise JobError(f"{self.work} holds a run with another configuration; remove it or "
+                               f"choose another --work/--out")
+        else:
+            d = asdict(self.cfg)
+            d.pop("shard")
+            atomic_write_json(cfg_file, {"config_hash": self.hash, "config": d})
+
+    def _group_of(self):
+        """label/predicted -> the model class an image is grouped under."""
+        if self.cfg.group_by == "predicted":
+            return lambda label, pred: pred
+        if self.cfg.group_by != "label":
+            raise JobError(f"--group-by must be 'label' or 'predicted', not {self.cfg.group_by!r}")
+        names = self.dataset.label_names
+        model_names = [n.lower() for n in self.model.class_names]
+        mapping: dict[int, int] = {}
+        for label, name in enumerate(names or []):
+            key = name.lower().replace("_", " ")
+            if key in model_names:
+                mapping[label] = model_names.index(key)
+            elif name.isdigit() and int(name) < len(model_names):
+                mapping[label] = int(name)
+        if names and not mapping:
+            raise JobError(f"the data's labels ({', '.join(names[:5])}, ...) are not classes of the model "
+                           f"{self.cfg.model}; use --group-by predicted to group images by the model's "
+                           f"own prediction")
+        if names is None and self.dataset.kind == "flat":
+            raise JobError("a flat folder of images has no labels: use --group-by predicted")
+
+        def group(label, pred):
+            if label is None:
+                return None
+            return mapping.get(label, label if names is None else None)
+        return group
+
+    # ---- stage 1: extraction -------------------------------------------------------------------
+    def extract(self) -> Path:
+        i, n = self.cfg.shard
+        self._check_work_dir()
+        path = self.part_path(i, n)
+        if path.is_file():
+            log.info("extract: %s is done already, skipping", path.name)
+            return path
+        group = self._group_of()
+        log.info("extract: data %s (%s), shard %d/%d, model %s layer %s", self.cfg.data, self.dataset.kind,
+                 i, n, self.model.name, self.model.layer)
+        res = extract(self.dataset, self.onnx_forward(), self.model.preprocessing, group_of=group, shard=(i, n),
+                      batch_size=self.cfg.batch_size, max_per_class=self.cfg.max_images, seed=self.cfg.seed)
+        if res.processed == 0:
+            raise JobError(f"no usable image in {self.cfg.data} (shard {i}/{n}); {res.skipped} could not be read")
+        save_part(path, res, self.hash)
+        log.info("extract: %d images, %d skipped, %d classes -> %s", res.processed, res.skipped,
+                 len(res.reservoirs), path)
+        return path
+
+    # ---- stage 2: per-class learning -----------------------------------------------------------
+    def load_records(self) -> tuple[dict[int, list[Record]], dict]:
+        """All extraction parts merged: class -> records (bounded by max_images), and totals."""
+        n = self.cfg.shard[1]
+        parts = sorted((self.work / "features").glob(f"part-*-of-{n:05d}.safetensors"))
+        if len(parts) != n:
+            missing = [i for i in range(n) if not self.part_path(i, n).is_file()]
+            raise JobError(f"extraction parts missing for data shards {missing} of {n}: run "
+                           f"`conceptlens precompute --stage extract --shard I/{n}` for them first")
+        merged: dict[int, list[Record]] = {}
+        seen: dict[int, int] = {}
+        totals = {"processed": 0, "skipped": 0, "skipped_keys": []}
+        for p in parts:
+            info, recs = load_part(p)
+            if info["config_hash"] != self.hash:
+                raise JobError(f"{p} was written by a run with another configuration")
+            totals["processed"] += info["processed"]
+            totals["skipped"] += info["skipped"]
+            totals["skipped_keys"] += info["skipped_keys"]
+            for cls, rs in recs.items():
+                merged.setdefault(cls, []).extend(rs)
+                seen[cls] = seen.get(cls, 0) + info["classes"][str(cls)]["seen"]
+        rng = random.Random(self.cfg.seed)
+        for cls, rs in merged.items():
+            rs.sort(key=lambda r: r.key)
+            if len(rs) > self.cfg.max_images:
+                merged[cls] = sorted(rng.sample(rs, self.cfg.max_images), key=lambda r: r.key)
+        totals["seen"] = seen
+        return merged, totals
+
+    def eligible_classes(self, records: dict[int, list[Record]]) -> list[int]:
+        names = self.model.class_names
+        wanted = None
+        if self.cfg.classes:
+            wanted = set()
+            for c in self.cfg.classes:
+                c = str(c).strip()
+                if c.isdigit():
+                    wanted.add(int(c))
+                elif c.lower() in [x.lower() for x in names]:
+                    wanted.add([x.lower() for x in names].index(c.lower()))
+                else:
+                    raise JobError(f"--classes: unknown class {c!r} for model {self.cfg.model}")
+        out = []
+        for cls in sorted(records):
+            if wanted is not None and cls not in wanted:
+                continue
+            if len(records[cls]) < self.cfg.min_images:
+                log.warning("class %d (%s) has only %d images (< --min-images %d): skipped", cls, names[cls],
+                            len(records[cls]), self.cfg.min_images)
+                continue
+            out.append(cls)
+        if wanted is not None:
+            for cls in sorted(wanted - set(records)):
+                log.warning("class %d (%s) has no images in the data: skipped", cls, names[cls])
+        if not out:
+            raise JobError(f"no class has at least --min-images {self.cfg.min_images} images "
+                           f"(largest: {max((len(v) for v in records.values()), default=0)}); "
+                           f"add data or lower --min-images")
+        return out
+
+    def learn(self) -> list[int]:
+        """Learn every eligible class of this shard that is not done yet; returns the class ids learned."""
+        i, n = self.cfg.shard
+        self._check_work_dir()
+        records, totals = self.load_records()
+        classes = [c for c in self.eligible_classes(records) if c % n == i]
+        todo = [c for c in classes if not self._class_done(c)]
+        if len(todo) < len(classes):
+            log.info("learn: %d of %d classes of shard %d/%d are done already, skipping them",
+                     len(classes) - len(todo), len(classes), i, n)
+        if not todo:
+            return []
+        pool = CropPool.build([r for rs in records.values() for r in rs], cells=self.cfg.prototype_cells)
+        progress = Progress("learn classes", total=len(todo), every=0)
+        for cls in todo:
+            t0 = time.perf_counter()
+            self._learn_class(cls, records[cls], pool, totals["seen"].get(cls, len(records[cls])))
+            progress.update(1, extra=f"class {cls} ({self.model.class_names[cls]}) in "
+                                     f"{time.perf_counter() - t0:.1f} s")
+        return todo
+
+    def _class_done(self, cls: int) -> bool:
+        path = self.class_path(cls)
+        if not path.is_file():
+            return False
+        try:
+            return _class_info(path)["config_hash"] == self.hash
+        except Exception:
+            return False
+
+    def _head(self):
+        m = self.model
+        if m.linear_head:
+            return m.head_weight.cpu().numpy(), m.head_bias.cpu().numpy(), None
+
+        def head_fn(a: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                dev = next(m.head.parameters()).device
+                return m.head(torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(dev)).cpu().numpy()
+        return None, None, head_fn
+
+    def _learn_class(self, cls: int, recs: list[Record], pool: CropPool, seen: int) -> None:
+        from .fit import fit_basis
+
+        cfg = self.cfg
+        rng = np.random.default_rng(cfg.seed + cls)
+        order = rng.permutation(len(recs))
+        n_held = int(round(len(recs) * cfg.held_out)) if len(recs) >= 5 else 0
+        held, train = order[:n_held], order[n_held:]
+        feats = np.stack([r.features for r in recs]).astype(np.float32)  # (N, C, H, W)
+        hw, hb, hfn = self._head()
+        basis = fit_basis(cfg.method, feats[train], k=cfg.concepts, class_id=cls, head_weight=hw, head_bias=hb,
+                          head_fn=hfn, seed=cfg.seed, device=_device(cfg.device), max_iter=cfg.nmf_max_iter,
+                          tol=cfg.nmf_tol, params=cfg.method_params)
+        weights = concept_weights(basis, cls, hw, hfn, feats[train])
+        explainer = single_class_explainer(self.model.class_names, cls, basis, weights, hw, hb, hfn, cfg.method)
+        metrics = {"train": evaluate_class(explainer, cls, feats[train], hw, hb, hfn),
+                   "held_out": evaluate_class(explainer, cls, feats[held], hw, hb, hfn)}
+        crops = top_crops(pool, basis, cfg.prototypes, exclude_class=cls if cfg.prototypes_exclude_class else None)
+        scores = cosine_scores(pool, basis, crops)
+        tensors = {"basis": basis.astype(np.float32), "weights": weights.astype(np.float32)}
+        protos = []
+        for j, idxs in enumerate(crops):
+            concept = []
+            for r, idx in enumerate(idxs):
+                rec = pool.records[pool.image[idx]]
+                box = [int(v) for v in pool.boxes[idx]]
+                tensors[f"proto/{j}/{r}"] = np.frombuffer(crop_jpeg(rec, box), dtype=np.uint8)
+                concept.append({"source": rec.key, "box": box, "score": scores[j][r],
+                                "source_predicted": rec.predicted})
+            protos.append(concept)
+        flags = class_flags(metrics, len(recs), cfg.min_images)
+        info = {"config_hash": self.hash, "class_id": cls, "name": self.model.class_names[cls], "k": int(basis.shape[0]),
+                "images": len(recs), "images_seen": seen, "held_out_images": int(n_held), "metrics": metrics,
+                "flags": flags, "method": cfg.method, "prototypes": protos}
+        from safetensors.numpy import save
+
+        atomic_write_bytes(self.class_path(cls), save(tensors, metadata={"info": json.dumps(info)}))
+        log.info("class %d (%s): %d images, held-out ICE fidelity %.3f, top-1 agreement %.2f%s", cls, info["name"],
+                 len(recs), metrics["held_out"].get("ice_fidelity", float("nan")),
+                 metrics["held_out"].get("top1_agreement", float("nan")), f", flags {flags}" if flags else "")
+
+    # ---- stage 3: merge ------------------------------------------------------------------------
+    def merge(self, extra_work_dirs: list[Path] = ()) -> Path:
+        return merge_bundle([self.work, *extra_work_dirs], Path(self.cfg.out), self)
+
+
+def concept_weights(basis: np.ndarray, cls: int, head_weight: np.ndarray | None, head_fn, feats: np.ndarray,
+                    n_images: int = 10, eps: float = 1e-2) -> np.ndarray:
+    """d logit_cls / d presence_j: exact P_j . W[cls] for a linear head; else ICE's central finite
+    difference (the concept added at every pixel of up to ``n_images`` class images)."""
+    if head_weight is not None:
+        return (basis @ head_weight[cls]).astype(np.float32)
+    a = feats[:n_images]
+    out = []
+    for p in basis:
+        d = p[None, :, None, None].astype(np.float32) * eps
+        out.append(float((head_fn(a + d)[:, cls] - head_fn(a - d)[:, cls]).mean() / (2 * eps)))
+    return np.asarray(out, np.float32)
+
+
+def class_flags(metrics: dict, images: int, min_images: int) -> list[str]:
+    """Evaluation flags the service passes on: reasons not to trust a class's explanation."""
+    flags = []
+    ho = metrics.get("held_out") or metrics.get("train") or {}
+    if ho.get("ice_fidelity", 0.0) > 0.3:
+        flags.append("low_fidelity")
+    if ho.get("top1_agreement", 1.0) < 0.8:
+        flags.append("low_top1_agreement")
+    if not metrics.get("held_out"):
+        flags.append("no_held_out_images")
+    return flags
+
+
+def _class_info(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return json.loads(f.metadata()["info"])
+
+
+def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Path:
+    """Assemble one bundle from the class results in ``work_dirs`` (one per shard, or a shared one)."""
+    import tempfile
+
+    from safetensors.numpy import load_file
+
+    from .bundle_writer import write_bundle
+
+    configs = []
+    for w in work_dirs:
+        f = Path(w) / "config.json"
+        if not f.is_file():
+            raise JobError(f"{w} is not a precompute work directory (no config.json)")
+        configs.append(json.loads(f.read_text()))
+    if len({c["config_hash"] for c in configs}) != 1:
+        raise JobError("the work directories come from runs with different configurations")
+    cfgd = configs[0]["config"]
+    cfg = job.cfg if job else PrecomputeConfig(**{k: v for k, v in cfgd.items() if k in PrecomputeConfig.__dataclass_fields__})
+    job = job or Job(cfg)
+    files = {p.name: p for w in work_dirs for p in sorted((Path(w) / "classes").glob("*.safetensors"))}
+    if not files:
+        raise JobError(f"no learned classes in {', '.join(map(str, work_dirs))}: run the learn stage first")
+    model = job.model
+    classes, tensors, prototypes, jpegs = {}, {}, {}, {}
+    for name, path in sorted(files.items(), key=lambda kv: int(kv[0].split(".")[0])):
+        info = _class_info(path)
+        if info["config_hash"] != configs[0]["config_hash"]:
+            raise JobError(f"{path} comes from another configuration")
+        t = load_file(str(path))
+        cls = int(info["class_id"])
+        tensors[f"basis/{cls}"], tensors[f"weights/{cls}"] = t["basis"], t["weights"]
+        for key, val in t.items():
+            if key.startswith("contrast/") or key.startswith("samples/"):
+                tensors[key] = val
+        protos = []
+        for j, concept in enumerate(info["prototypes"]):
+            refs = []
+            for r, p in enumerate(concept):
+                rel = f"prototypes/{cls}/{j}_{r}.jpg"
+                jpegs[rel] = t[f"proto/{j}/{r}"].tobytes()
+                refs.append({"file": rel, "source": p["source"], "box": p["box"], "score": p["score"]})
+            protos.append(refs)
+        prototypes[cls] = protos
+        classes[cls] = {k: info[k] for k in ("name", "k", "images", "images_seen", "held_out_images", "metrics",
+                                             "flags", "method")}
+    log.info("merge: %d classes; exporting the model to ONNX", len(classes))
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = job.export()
+        head_onnx = None if model.linear_head else export_head_onnx(model, Path(tmp) / "head.onnx")
+        hw = model.head_weight.cpu().numpy() if model.linear_head else None
+        hb = model.head_bias.cpu().numpy() if model.linear_head else None
+        out = write_bundle(
+            out, model_onnx=onnx_path, head_onnx=head_onnx,
+            model_info={"name": model.name, "weights_sha256": model.weights_sha256, "layer": model.layer,
+                        "feature_shape": list(model.feature_shape), "num_classes": len(model.class_names)},
+            class_names=model.class_names, preprocessing=model.preprocessing, head_weight=hw, head_bias=hb,
+            classes=classes, tensors=tensors, prototypes=prototypes, prototype_jpegs=jpegs,
+            method={"name": cfg.method, "params": {"concepts": cfg.concepts, **cfg.method_params},
+                    "group_by": cfg.group_by, "max_images": cfg.max_images, "held_out": cfg.held_out,
+                    "seed": cfg.seed},
+            extra={"data": {"path": str(cfg.data)}, "config_hash": configs[0]["config_hash"]})
+    log.info("merge: bundle written to %s", out)
+    return out
+
+
+def run(cfg: PrecomputeConfig, stage: str = "all") -> Path | None:
+    """Run ``stage`` (extract | learn | merge | all) of the job; "all" with one shard does everything."""
+    job = Job(cfg)
+    i, n = cfg.shard
+    if stage in ("extract", "all"):
+        job.extract()
+    if stage in ("learn", "all"):
+        if stage == "all" and n > 1 and any(not job.part_path(j, n).is_file() for j in range(n)):
+            log.info("learn: waiting for the other extraction shards; run --stage learn --shard %d/%d later", i, n)
+            return None
+        job.learn()
+    if stage == "merge" or (stage == "all" and n == 1):
+        return job.merge()
+    return None

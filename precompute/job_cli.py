@@ -1,0 +1,65 @@
+"""``conceptlens precompute``: learn concept bases from a model and images, write a bundle."""
+from __future__ import annotations
+
+import argparse
+
+from ..service.cli import CLIError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="efficientnet-lite0, or a torchvision architecture name")
+    p.add_argument("--weights", help="local weights file for a torchvision model (.pth loaded with "
+                                     "weights_only=True, or .safetensors)")
+    p.add_argument("--layer", help="feature layer (module name); default: the last feature map before the "
+                                   "pooled head")
+    p.add_argument("--data", required=True, help="ImageFolder directory, tar shards (KEY.jpg + KEY.cls), "
+                                                  "or a folder of images")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--work", help="work directory for shards and resume (default: OUT.work)")
+    p.add_argument("--group-by", choices=("label", "predicted"), default="predicted",
+                   help="group images by their label or by the model's prediction")
+    p.add_argument("--method", choices=("nmf", "face", "attribution", "directions"), default="nmf")
+    p.add_argument("--concepts", type=int, default=10, help="concepts per class (k)")
+    p.add_argument("--classes", nargs="*", help="only these classes (ids or names)")
+    p.add_argument("--min-images", type=int, default=20, help="skip classes with fewer images")
+    p.add_argument("--max-images", type=int, default=200, help="reservoir size per class (bounds memory)")
+    p.add_argument("--held-out", type=float, default=0.2, help="share of each class's images kept for evaluation")
+    p.add_argument("--prototypes", type=int, default=5, help="prototype crops per concept")
+    p.add_argument("--prototype-cells", type=int, default=2, help="crop window in feature-map cells")
+    p.add_argument("--prototypes-exclude-class", action="store_true",
+                   help="mine prototypes only from images not predicted as the class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nmf-max-iter", type=int, default=200)
+    p.add_argument("--nmf-tol", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--shard", default="0/1", help="I/N: this process's share (data for extract, classes for learn)")
+    p.add_argument("--stage", choices=("all", "extract", "learn", "merge"), default="all")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .job import PrecomputeConfig, parse_shard
+
+    return PrecomputeConfig(
+        model=args.model, weights=args.weights, layer=args.layer, data=args.data, out=args.out, work=args.work,
+        group_by=args.group_by, method=args.method, concepts=args.concepts, classes=args.classes,
+        min_images=args.min_images, max_images=args.max_images, held_out=args.held_out,
+        prototypes=args.prototypes, prototype_cells=args.prototype_cells,
+        prototypes_exclude_class=args.prototypes_exclude_class, seed=args.seed, nmf_max_iter=args.nmf_max_iter,
+        nmf_tol=args.nmf_tol, batch_size=args.batch_size, device=args.device, shard=parse_shard(args.shard))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .datasets import DataError
+    from .job import JobError, run as run_job
+    from .models import ModelError
+
+    if args.concepts < 1:
+        raise CLIError("--concepts must be at least 1")
+    try:
+        out = run_job(config_from_args(args), stage=args.stage)
+    except (JobError, DataError, ModelError) as e:
+        raise CLIError(str(e)) from None
+    if out is not None:
+        print(f"bundle written: {out}")
+    return 0

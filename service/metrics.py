@@ -1,0 +1,135 @@
+"""Prometheus metrics of the service, served over HTTP (``--metrics-port``).
+
+Base units (seconds), counters end in ``_total``. Each server owns its own registry, so several
+servers can live in one process (tests).
+
+    conceptlens_requests_total{method, code}              RPCs by gRPC method and status code
+    conceptlens_request_duration_seconds{method}          RPC latency on the server
+    conceptlens_stage_duration_seconds{stage}             decode | queue | inference | explain |
+                                                          encode | cache
+    conceptlens_batch_size                                items per inference batch
+    conceptlens_queue_depth                               items waiting for a batch
+    conceptlens_inflight_requests                         Explain requests being served
+    conceptlens_dropped_total{reason}                     queue_full | deadline | cancelled
+    conceptlens_cache_hits_total{backend}                 backend: memory | redis
+    conceptlens_cache_misses_total{backend}
+    conceptlens_cache_errors_total{backend, operation}    Redis errors and timeouts (get | set)
+    conceptlens_concept_presence{class_id, class_name, concept}   presence per explained concept
+    conceptlens_residual{class_id, class_name}            residual, logit units
+    conceptlens_relative_residual{class_id, class_name}   |r| / (sum |c| + |r|)
+    conceptlens_ready                                     1 once the bundle is loaded and warmed
+    conceptlens_bundle_info{bundle_id, model, method, runtime}   1
+
+The per-class series exist only for classes that were explained (at most classes x concepts
+series); ``--no-concept-metrics`` turns them off.
+"""
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+PRESENCE_BUCKETS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+RESIDUAL_BUCKETS = (-10.0, -5.0, -2.0, -1.0, -0.5, -0.2, -0.1, 0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+RELATIVE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+STAGES = ("decode", "queue", "inference", "explain", "encode", "cache")
+
+
+class Metrics:
+    """All metrics of one server, in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, concept_metrics: bool = True):
+        r = self.registry = registry or CollectorRegistry()
+        self.concept_metrics = concept_metrics
+        self.requests = Counter("conceptlens_requests", "RPCs by method and gRPC status code",
+                                ["method", "code"], registry=r)
+        self.request_seconds = Histogram("conceptlens_request_duration_seconds", "RPC latency on the server",
+                                         ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_seconds = Histogram("conceptlens_stage_duration_seconds", "Latency per request stage",
+                                       ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self._stages = {s: self.stage_seconds.labels(s) for s in STAGES}
+        self._rpc_children: dict[tuple[str, str], tuple] = {}
+        self.batch_size = Histogram("conceptlens_batch_size", "Items per inference batch",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("conceptlens_queue_depth", "Items waiting for an inference batch", registry=r)
+        self.inflight = Gauge("conceptlens_inflight_requests", "Explain requests being served", registry=r)
+        self.dropped = Counter("conceptlens_dropped", "Requests dropped before inference", ["reason"], registry=r)
+        self.cache_hits = Counter("conceptlens_cache_hits", "Cache hits", ["backend"], registry=r)
+        self.cache_misses = Counter("conceptlens_cache_misses", "Cache misses", ["backend"], registry=r)
+        self.cache_errors = Counter("conceptlens_cache_errors", "Cache backend errors and timeouts",
+                                    ["backend", "operation"], registry=r)
+        self.presence = Histogram("conceptlens_concept_presence", "Presence of each concept of explained classes",
+                                  ["class_id", "class_name", "concept"], buckets=PRESENCE_BUCKETS, registry=r)
+        self.residual = Histogram("conceptlens_residual", "Residual of explained classes, logit units",
+                                  ["class_id", "class_name"], buckets=RESIDUAL_BUCKETS, registry=r)
+        self.relative_residual = Histogram("conceptlens_relative_residual",
+                                           "Relative residual of explained classes",
+                                           ["class_id", "class_name"], buckets=RELATIVE_BUCKETS, registry=r)
+        self.ready = Gauge("conceptlens_ready", "1 once the bundle is loaded and the model warmed", registry=r)
+        self.bundle_info = Gauge("conceptlens_bundle_info", "The bundle served",
+                                 ["bundle_id", "model", "method", "runtime"], registry=r)
+        self._http = None
+
+    # -- hooks -------------------------------------------------------------------------------
+    def rpc(self, method: str, code: str, seconds: float) -> None:
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = self._rpc_children[(method, code)] = (self.requests.labels(method, code),
+                                                             self.request_seconds.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self._stages[stage].observe(seconds)
+
+    def batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def drop(self, reason: str) -> None:
+        self.dropped.labels(reason).inc()
+
+    def cache_hit(self, backend: str) -> None:
+        self.cache_hits.labels(backend).inc()
+
+    def cache_miss(self, backend: str) -> None:
+        self.cache_misses.labels(backend).inc()
+
+    def cache_error(self, backend: str, operation: str) -> None:
+        self.cache_errors.labels(backend, operation).inc()
+
+    def explanation(self, class_id: int, class_name: str, presences, residual: float, relative: float) -> None:
+        """Record one explained class: presence per concept (indexed by concept id) and residuals."""
+        if not self.concept_metrics:
+            return
+        cid = str(class_id)
+        for j, p in enumerate(presences):
+            self.presence.labels(cid, class_name, str(j)).observe(float(p))
+        self.residual.labels(cid, class_name).observe(residual)
+        self.relative_residual.labels(cid, class_name).observe(relative)
+
+    # -- exposition --------------------------------------------------------------------------
+    def text(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics HTTP server on a daemon thread; returns the bound port."""
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,360 @@
+"""The gRPC server on a real port with a real (tiny) bundle and real ONNX Runtime.
+
+Answers match the explain core run locally; the identity holds; errors map to the right codes and
+leave the server serving; health, reflection, auth, drain, queue limits and deadlines behave.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from service_conftest import (ServerThread, bad_inputs, cmyk_jpeg_bytes, free_port, jpeg_bytes, metric_value,
+                              png16_bytes, tiny_bundle)  # noqa: F401  (fixture)
+
+from conceptlens.service.bundle import load_bundle
+from conceptlens.service.client import ExplainClient, heatmap_array, identity_gap
+from conceptlens.service.config import ServerConfig
+from conceptlens.service.explain import Explainer
+from conceptlens.service.preprocess import preprocess_bytes
+from conceptlens.service.runtime import OnnxRuntime
+from conceptlens.v1 import explain_service_pb2 as pb
+
+IMAGE = jpeg_bytes(7, (320, 240))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    srv = ServerThread(ServerConfig(bundle=str(tiny_bundle), port=0, metrics_port=free_port(),
+                                    metrics_host="127.0.0.1", max_message_bytes=2 << 20, workers=2))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with ExplainClient(server.target, max_message_bytes=8 << 20) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def local(tiny_bundle):
+    """The explain core run directly on the same bundle, for comparison."""
+    bundle = load_bundle(tiny_bundle)
+    runtime = OnnxRuntime(bundle.model_path, device="cpu")
+    explainer = Explainer(bundle)
+
+    def explain(image: bytes, cid: int, contrast=None):
+        x, _ = preprocess_bytes(image, bundle.preprocessing)
+        f, lg = runtime.run(x[None])
+        return explainer.explain(f[0], lg[0], cid, contrast=contrast), lg[0]
+    return explain
+
+
+def assert_identity(resp: pb.ExplainResponse) -> None:
+    for x in resp.explanations:
+        assert identity_gap(x) <= 1e-4 * max(1.0, abs(x.logit)), (x.class_name, identity_gap(x))
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code()
+
+
+def test_health_and_model_info(client, tiny_bundle):
+    assert client.health() == "SERVING"
+    assert client.health("conceptlens.v1.ExplainService") == "SERVING"
+    info = client.model_info()
+    bundle = load_bundle(tiny_bundle)
+    assert info.bundle_id == bundle.bundle_id and info.num_classes == 10 and info.num_explained_classes == 8
+    assert list(info.feature_shape) == [8, 7, 7] and info.providers == ["CPUExecutionProvider"]
+    assert info.runtime == "onnxruntime" and info.head_kind == "linear" and info.crop == 224
+
+
+def test_explain_matches_the_core_and_the_identity_holds(client, local):
+    resp = client.explain(IMAGE, classes=[3, "thing5"], heatmaps="raw")
+    assert [x.class_id for x in resp.explanations] == [3, 5]
+    assert_identity(resp)
+    for x in resp.explanations:
+        want, logits = local(IMAGE, x.class_id)
+        assert x.logit == pytest.approx(float(logits[x.class_id]), abs=1e-4)
+        assert x.bias == pytest.approx(want.bias, abs=1e-6)
+        assert x.residual == pytest.approx(want.residual, abs=1e-4)
+        assert [c.concept_id for c in x.concepts] == [c.concept for c in want.concepts]
+        for got, exp in zip(x.concepts, want.concepts):
+            assert got.contribution == pytest.approx(exp.contribution, abs=1e-4)
+            assert got.presence == pytest.approx(exp.presence, abs=1e-5)
+            grid = heatmap_array(got.heatmap)
+            assert grid.shape == (7, 7)
+            np.testing.assert_allclose(grid, exp.heatmap, atol=got.heatmap.scale * 0.51 + 1e-6)
+    assert resp.predictions[0].probability >= resp.predictions[-1].probability
+    assert len(resp.predictions) == 5 and resp.bundle_id
+    t = resp.timings
+    assert t.batch_size >= 1 and t.total_seconds > 0 and not resp.cache_hit
+    assert resp.image.width == 320 and resp.image.height == 240
+    crop = resp.image.crop  # resize 256 -> 341x256, center 224 crop, mapped back to 320x240
+    assert (crop.x0, crop.y0, crop.x1, crop.y1) == (54, 15, 265, 225)
+
+
+def test_default_is_top_1_and_top_k_0_is_predictions_only(client):
+    one = client.explain(jpeg_bytes(11))
+    assert len(one.explanations) == 1 and one.explanations[0].class_id == one.predictions[0].class_id
+    assert_identity(one)
+    plain = client.explain(jpeg_bytes(11), top_k=0, num_predictions=3)
+    assert len(plain.explanations) == 0 and len(plain.predictions) == 3
+
+
+def test_top_k_class_without_concepts_is_all_residual(client):
+    resp = client.explain(IMAGE, top_k=10)
+    assert len(resp.explanations) == 10
+    assert_identity(resp)
+    lonely = [x for x in resp.explanations if x.class_id in (8, 9)]
+    assert len(lonely) == 2
+    assert all("no_concepts" in x.flags and not x.concepts and x.relative_residual == 1.0 for x in lonely)
+
+
+def test_contrast_max_concepts_flags_and_prototypes(client, local, tiny_bundle):
+    resp = client.explain(IMAGE, classes=["thing2"], contrast="thing4", max_concepts=1, prototypes=1,
+                          prototype_jpeg=True)
+    (x,) = resp.explanations
+    assert x.contrast_class_id == 4 and x.contrast_class_name == "thing4"
+    assert len(x.concepts) == 1 and x.num_concepts == 3 and x.omitted_contribution != 0
+    assert_identity(resp)
+    want, logits = local(IMAGE, 2, contrast=4)
+    assert x.logit == pytest.approx(float(logits[2] - logits[4]), abs=1e-4)
+    assert x.flags == ["failed_stitched_prototype_test"]  # class 2 failed its evaluation
+    (proto,) = x.concepts[0].prototypes
+    assert proto.jpeg == (tiny_bundle / proto.file).read_bytes()
+    assert Image.open(io.BytesIO(proto.jpeg)).format == "JPEG" and proto.box.x1 == 32
+    refs = client.explain(IMAGE, classes=[0])  # default: 3 per concept, references only
+    assert all(len(c.prototypes) == 2 and not c.prototypes[0].jpeg for c in refs.explanations[0].concepts)
+    assert all(not c.prototypes for c in client.explain(IMAGE, classes=[0], prototypes=0).explanations[0].concepts)
+
+
+def test_png_overlay_is_at_image_size_and_transparent_outside_the_crop(client):
+    resp = client.explain(IMAGE, classes=[1], heatmaps="png")
+    c = resp.explanations[0].concepts[0]
+    assert c.heatmap.format == pb.HEATMAP_FORMAT_PNG_OVERLAY and c.heatmap.scale > 0
+    png = Image.open(io.BytesIO(c.heatmap.data))
+    assert png.format == "PNG" and png.size == (320, 240) == (c.heatmap.width, c.heatmap.height)
+    alpha = np.asarray(png.convert("RGBA"))[..., 3]
+    box = resp.image.crop
+    assert alpha[:, :box.x0].max() == 0 and alpha[:, box.x1:].max() == 0 and alpha[:box.y0].max() == 0
+    assert alpha[box.y0:box.y1, box.x0:box.x1].max() > 0
+
+
+def test_cmyk_and_16_bit_images_are_explained(client):
+    for data in (cmyk_jpeg_bytes(3), png16_bytes(4)):
+        resp = client.explain(data, top_k=2)
+        assert len(resp.explanations) == 2
+        assert_identity(resp)
+
+
+def test_bad_inputs_get_the_right_codes_and_the_server_keeps_serving(client, server):
+    for name, data in bad_inputs(IMAGE).items():
+        assert code_of(lambda: client.explain(data)) == grpc.StatusCode.INVALID_ARGUMENT, name
+    big = Image.new("L", (8000, 6000))  # declared 48 MP > the 40 MP limit (never decoded)
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    with pytest.raises(grpc.RpcError) as e:
+        client.explain(buf.getvalue())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pixels" in e.value.details()
+    cases = {
+        "unknown class name": (dict(classes=["no such class"]), grpc.StatusCode.NOT_FOUND),
+        "class id out of range": (dict(classes=[999]), grpc.StatusCode.NOT_FOUND),
+        "class without concepts": (dict(classes=["lonely"]), grpc.StatusCode.NOT_FOUND),
+        "unknown contrast": (dict(classes=[1], contrast="nope"), grpc.StatusCode.NOT_FOUND),
+        "contrast equals class": (dict(classes=[1], contrast=1), grpc.StatusCode.INVALID_ARGUMENT),
+        "negative top_k": (dict(top_k=-1), grpc.StatusCode.INVALID_ARGUMENT),
+        "too many classes": (dict(top_k=100), grpc.StatusCode.INVALID_ARGUMENT),
+    }
+    for name, (opts, code) in cases.items():
+        with pytest.raises(grpc.RpcError) as e:
+            client.explain(IMAGE, **opts)
+        assert e.value.code() == code, name
+        assert "Traceback" not in e.value.details() and e.value.details(), name
+    huge = b"\xff\xd8\xff" + bytes(3 << 20)  # over the server's 2 MiB message limit
+    assert code_of(lambda: client.explain(huge)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    bad_enum = pb.ExplainRequest(image=IMAGE, options=pb.ExplainOptions(heatmap_format=42))
+    assert code_of(lambda: client.stub.Explain(bad_enum, timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.health() == "SERVING"
+    assert_identity(client.explain(IMAGE, top_k=3))
+    text = server.metrics_text()
+    assert metric_value(text, "conceptlens_requests_total", method="Explain", code="INVALID_ARGUMENT") >= 8
+    assert metric_value(text, "conceptlens_requests_total", method="Explain", code="NOT_FOUND") >= 4
+
+
+def test_same_image_twice_hits_the_cache(client, server):
+    image = jpeg_bytes(12345, (100, 80))
+    before = metric_value(server.metrics_text(), "conceptlens_cache_hits_total", backend="memory")
+    first = client.explain(image, top_k=2, heatmaps="raw")
+    second = client.explain(image, top_k=2, heatmaps="raw")
+    other_options = client.explain(image, top_k=1)
+    assert not first.cache_hit and second.cache_hit and not other_options.cache_hit
+    assert list(second.explanations) == list(first.explanations)
+    assert list(second.predictions) == list(first.predictions)
+    assert second.timings.decode_seconds == 0 and second.timings.total_seconds > 0
+    assert metric_value(server.metrics_text(), "conceptlens_cache_hits_total", backend="memory") == before + 1
+
+
+def test_class_catalog(client):
+    listed = client.list_classes()
+    assert [c.class_name for c in listed.classes][:2] == ["thing0", "thing1"] and len(listed.classes) == 10
+    assert [c.class_id for c in client.list_classes(with_concepts_only=True).classes] == list(range(8))
+    cc = client.class_concepts("thing2", prototypes=1, jpeg=True)
+    assert cc.class_id == 2 and len(cc.concepts) == 3 and cc.flags == ["failed_stitched_prototype_test"]
+    assert cc.metrics["fidelity.relative_l1"] == pytest.approx(0.12)
+    assert all(len(c.prototypes) == 1 and c.prototypes[0].jpeg for c in cc.concepts)
+    assert code_of(lambda: client.class_concepts("lonely")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: client.stub.GetClassConcepts(pb.GetClassConceptsRequest(), timeout=5)) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stream_answers_each_item_and_survives_bad_ones(client):
+    items = [(f"img{i}", jpeg_bytes(100 + i)) for i in range(6)] + [("bad", b"nope")]
+    answers = {r.item_id: r for r in client.explain_many(items, top_k=1)}
+    assert set(answers) == {i for i, _ in items}
+    assert answers["bad"].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "decoded" in answers["bad"].status.message
+    for i in range(6):
+        r = answers[f"img{i}"]
+        assert r.status.code == 0 and len(r.response.explanations) == 1
+        assert_identity(r.response)
+
+
+def test_reflection_lists_the_service(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        (answer,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=5)
+        names = {s.name for s in answer.list_services_response.service}
+    assert {"conceptlens.v1.ExplainService", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_endpoint(server, client):
+    client.explain(jpeg_bytes(5), top_k=1)
+    port = server.server.metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for name in ("conceptlens_requests_total", "conceptlens_stage_duration_seconds_bucket",
+                 "conceptlens_batch_size_bucket", "conceptlens_queue_depth", "conceptlens_concept_presence_bucket",
+                 "conceptlens_relative_residual_bucket", "conceptlens_residual_bucket", "conceptlens_ready",
+                 "conceptlens_bundle_info"):
+        assert name in text, name
+    for stage in ("decode", "queue", "inference", "explain", "encode", "cache"):
+        assert metric_value(text, "conceptlens_stage_duration_seconds_count", stage=stage) > 0, stage
+    assert metric_value(text, "conceptlens_ready") == 1
+
+
+# -- servers of their own: auth, drain, queue limits, deadlines ------------------------------------
+class GatedRuntime:
+    """The real ONNX runtime behind a gate the test opens and closes."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name, self.providers, self.max_batch_size = inner.name, inner.providers, inner.max_batch_size
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def run(self, batch):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.inner.run(batch)
+
+    def close(self):
+        self.inner.close()
+
+
+def gated_server(bundle_dir, **settings):
+    bundle = load_bundle(bundle_dir)
+    runtime = GatedRuntime(OnnxRuntime(bundle.model_path, device="cpu"))
+    cfg = ServerConfig(bundle=str(bundle_dir), port=0, metrics_port=0, cache_size=0, **settings)
+    return ServerThread(cfg, bundle=bundle, runtime=runtime), runtime
+
+
+def test_bearer_token(tiny_bundle):
+    srv = ServerThread(ServerConfig(bundle=str(tiny_bundle), port=0, metrics_port=0, auth_token="s3cret",
+                                    no_warmup=True))
+    try:
+        with ExplainClient(srv.target) as anonymous, ExplainClient(srv.target, token="wrong") as wrong, \
+                ExplainClient(srv.target, token="s3cret") as good:
+            assert anonymous.health() == "SERVING"  # health checks need no token
+            assert code_of(lambda: anonymous.explain(IMAGE)) == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(lambda: wrong.model_info()) == grpc.StatusCode.UNAUTHENTICATED
+            assert_identity(good.explain(IMAGE, top_k=2))
+    finally:
+        srv.stop()
+
+
+def test_full_queue_is_resource_exhausted(tiny_bundle):
+    srv, runtime = gated_server(tiny_bundle, max_batch_size=1, max_queue_size=1)
+    try:
+        with ExplainClient(srv.target) as c:
+            runtime.gate.clear()
+            runtime.entered.clear()
+            first = c.stub.Explain.future(pb.ExplainRequest(image=IMAGE), timeout=30)
+            assert runtime.entered.wait(10)  # first is inside the model
+            second = c.stub.Explain.future(pb.ExplainRequest(image=IMAGE), timeout=30)
+            deadline = time.monotonic() + 10
+            while srv.server.batcher.depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert code_of(lambda: c.explain(IMAGE)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            runtime.gate.set()
+            assert len(first.result().explanations) == 1 and len(second.result().explanations) == 1
+            assert metric_value(srv.metrics_text(), "conceptlens_dropped_total", reason="queue_full") == 1
+    finally:
+        runtime.gate.set()
+        srv.stop()
+
+
+def test_expired_deadline_is_dropped_before_inference(tiny_bundle):
+    srv, runtime = gated_server(tiny_bundle, max_batch_size=4)
+    try:
+        with ExplainClient(srv.target) as c:
+            runtime.gate.clear()
+            runtime.entered.clear()
+            first = c.stub.Explain.future(pb.ExplainRequest(image=IMAGE), timeout=30)
+            assert runtime.entered.wait(10)
+            assert code_of(lambda: c.explain(IMAGE, timeout=0.3)) == grpc.StatusCode.DEADLINE_EXCEEDED
+            batches_before = metric_value(srv.metrics_text(), "conceptlens_batch_size_count")
+            runtime.gate.set()
+            first.result()
+            c.explain(IMAGE)  # the queue moved on
+            text = srv.metrics_text()
+            assert metric_value(text, "conceptlens_dropped_total") == 1  # cancelled or deadline
+            assert metric_value(text, "conceptlens_batch_size_sum") == batches_before + 1  # expired never inferred
+    finally:
+        runtime.gate.set()
+        srv.stop()
+
+
+def test_drain_finishes_in_flight_and_refuses_new_calls(tiny_bundle):
+    srv, runtime = gated_server(tiny_bundle, drain_delay_s=1.0)
+    try:
+        with ExplainClient(srv.target) as c:
+            runtime.gate.clear()
+            runtime.entered.clear()
+            in_flight = c.stub.Explain.future(pb.ExplainRequest(image=IMAGE), timeout=30)
+            assert runtime.entered.wait(10)
+            import asyncio
+
+            stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(grace=20), srv.loop)
+            deadline = time.monotonic() + 10
+            while c.health() != "NOT_SERVING" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert c.health() == "NOT_SERVING"  # announced for drain_delay_s, then the port closes
+            assert code_of(lambda: c.explain(IMAGE, timeout=5)) == grpc.StatusCode.UNAVAILABLE
+            runtime.gate.set()
+            assert len(in_flight.result().explanations) == 1  # finished, not cut off
+            stopping.result(30)
+    finally:
+        runtime.gate.set()
+        srv.stop()
