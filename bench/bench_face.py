@@ -26,6 +26,7 @@ import torch
 from conceptlens.precompute.learners.attribution import attribution_map
 from conceptlens.precompute.learners.contrast import filter_pixels, fit_hyperplane
 from conceptlens.precompute.learners.face import FACE, reference_face_adam, served_metrics, sweep_lambda
+from conceptlens.precompute.learners.nmf import NMF
 
 DEFAULT_ACTS = "/tmp/conceptlens-bench/effnet_lite0_cifar10.safetensors"
 
@@ -86,9 +87,11 @@ def synthetic(seed: int = 0):
         return s @ d + 0.02 * torch.rand(n, 49, 256, generator=g)
 
     w = torch.randn(20, 256, generator=g) * 2
-    return {"acts": images(60, 0), "acts_b": images(40, 8), "head_weight": w, "head_bias": torch.zeros(20),
-            "class_a": torch.tensor([int((images(8, 0).mean((0, 1)) @ w.T).argmax())]),
-            "class_b": torch.tensor([int((images(8, 8).mean((0, 1)) @ w.T).argmax())])}
+    acts_a, acts_b = images(60, 0), images(40, 8)
+    ca = int((acts_a.mean((0, 1)) @ w.T).argmax())
+    cb = int((acts_b.mean((0, 1)) @ w.T).index_fill(0, torch.tensor([ca]), -float("inf")).argmax())
+    return {"acts": acts_a, "acts_b": acts_b, "head_weight": w, "head_bias": torch.zeros(20),
+            "class_a": torch.tensor([ca]), "class_b": torch.tensor([cb])}
 
 
 def row(name: str, seconds: float, train_obj: float, m_train: dict, m_val: dict, extra: str = "") -> str:
@@ -104,7 +107,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--reference-steps", type=int, default=22000, help="the reference's step cap")
-    ap.add_argument("--full-reference", action="store_true", help="also run the reference without its stop rule")
+    ap.add_argument("--full-reference", action="store_true",
+                    help="also run the reference without its stop rule, for --reference-steps steps")
+    ap.add_argument("--time-matched", action="store_true",
+                    help="also run the reference without its stop rule for as long as FACE took")
+    ap.add_argument("--train-images", type=int, default=0, help="cap on training images (0: 2/3 of them)")
     ap.add_argument("--sweep", default="", help="comma-separated λ values for sweep_lambda, e.g. 0,0.1,1,10")
     ap.add_argument("--pairs", type=int, default=5, help="hyperplane fits to time per method")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -122,7 +129,8 @@ def main() -> None:
     acts, w, b = data["acts"].float(), data["head_weight"].float(), data["head_bias"].float()
     n = acts.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    tr, va = acts[perm[: (2 * n) // 3]], acts[perm[(2 * n) // 3:]]
+    n_tr = (2 * n) // 3
+    tr, va = acts[perm[: min(n_tr, args.train_images or n_tr)]], acts[perm[n_tr:]]
     cls = int(data["class_a"][0]) if "class_a" in data else None
     print(f"data: {source}; train {tuple(tr.shape)}, held-out {tuple(va.shape)}; k={args.k} λ={args.lam}; "
           f"device {args.device}, {torch.get_num_threads()} threads; logit_err on class {cls}")
@@ -134,16 +142,24 @@ def main() -> None:
     ref = reference_face_adam(tr, w, b, args.k, args.lam, max_steps=args.reference_steps, device=args.device)
     t_ref = time.perf_counter() - t0
     runs = [("FACE (conceptlens)", t_face, face.loss_, face.components_,
-             f"{face.n_iter_} SPG iters, {face.n_evals_} evals, start={face.start_}"),
+             f"{face.n_iter_} L-BFGS iters, {face.n_evals_} evals, start={face.start_}"),
             ("reference Adam", t_ref, ref.losses[-1], ref.components, f"{ref.steps} steps (|Δloss|<1e-3 rule)")]
+    refs = [ref]
+    if args.time_matched:
+        t0 = time.perf_counter()
+        same = reference_face_adam(tr, w, b, args.k, args.lam, tol=-1.0, max_steps=args.reference_steps,
+                                   device=args.device, max_seconds=t_face)
+        runs.append(("reference, same time", time.perf_counter() - t0, same.losses[-1], same.components,
+                     f"{same.steps} steps, no stop rule"))
+        refs.append(same)
     if args.full_reference:
         t0 = time.perf_counter()
         full = reference_face_adam(tr, w, b, args.k, args.lam, tol=-1.0, max_steps=args.reference_steps,
                                    device=args.device)
-        runs.append(("reference Adam, full", time.perf_counter() - t0, full.losses[-1], full.components,
-                     f"{full.steps} steps"))
+        runs.append(("reference, full", time.perf_counter() - t0, full.losses[-1], full.components,
+                     f"{full.steps} steps, no stop rule"))
+        refs.append(full)
     t0 = time.perf_counter()
-    from conceptlens.precompute.learners.nmf import NMF
     nmf = NMF(args.k, device=args.device).fit(tr.reshape(-1, tr.shape[-1]))
     runs.insert(0, ("plain NMF (HALS)", time.perf_counter() - t0, float("nan"), nmf.components_, f"{nmf.n_iter_} iters"))
 
@@ -157,16 +173,21 @@ def main() -> None:
         m_va = served_metrics(va, basis, w, b, cls, args.lam)
         scored[name] = (secs, m_tr, m_va)
         print(row(name, secs, own, m_tr, m_va, extra))
+    longest = max(refs, key=lambda r: r.steps)
+    step_s = (longest.seconds - longest.init_seconds) / longest.steps
+    print(f"reference: {step_s * 1e3:.1f} ms a step (over {longest.steps}) after a {ref.init_seconds:.1f} s NNDSVD start; its "
+          f"{args.reference_steps}-step cap would take ~{ref.init_seconds + step_s * args.reference_steps:.0f} s here")
     f_s, f_tr, f_va = scored["FACE (conceptlens)"]
     r_s, r_tr, r_va = scored["reference Adam"]
     print(f"\nratios reference / FACE: time {r_s / f_s:.2f}x, served objective train "
           f"{r_tr['objective'] / f_tr['objective']:.2f}x, held-out {r_va['objective'] / f_va['objective']:.2f}x, "
           f"held-out logit error {r_va['logit_err'] / max(f_va['logit_err'], 1e-12):.2f}x")
-    if "reference Adam, full" in scored:
-        s, m_tr, m_va = scored["reference Adam, full"]
-        print(f"ratios full reference / FACE: time {s / f_s:.2f}x, served objective train "
-              f"{m_tr['objective'] / f_tr['objective']:.2f}x, held-out {m_va['objective'] / f_va['objective']:.2f}x, "
-              f"held-out logit error {m_va['logit_err'] / max(f_va['logit_err'], 1e-12):.2f}x")
+    for name in ("reference, same time", "reference, full"):
+        if name in scored:
+            s, m_tr, m_va = scored[name]
+            print(f"ratios {name} / FACE: time {s / f_s:.2f}x, served objective train "
+                  f"{m_tr['objective'] / f_tr['objective']:.2f}x, held-out {m_va['objective'] / f_va['objective']:.2f}x, "
+                  f"held-out logit error {m_va['logit_err'] / max(f_va['logit_err'], 1e-12):.2f}x")
     n_s, n_tr, n_va = scored["plain NMF (HALS)"]
     print(f"FACE vs plain NMF, held-out logit error: {f_va['logit_err']:.4f} vs {n_va['logit_err']:.4f} "
           f"({'better' if f_va['logit_err'] < n_va['logit_err'] else 'NOT better'}); time {f_s / n_s:.1f}x NMF's")
@@ -187,9 +208,8 @@ def main() -> None:
 
 def bench_hyperplane(data, w, args) -> None:
     ca, cb = int(data["class_a"][0]), int(data["class_b"][0])
-    grid = lambda x: x.float().transpose(1, 2).reshape(x.shape[0], x.shape[2], 7, 7) if x.shape[1] == 49 else \
-        x.float().transpose(1, 2).unsqueeze(-1)
-    ga, gb = grid(data["acts"]), grid(data["acts_b"])
+    side = int(round(data["acts"].shape[1] ** 0.5))  # (N, HW, C) -> (N, C, H, W) on a square grid
+    ga, gb = (x.float().transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side) for x in (data["acts"], data["acts_b"]))
     pa = filter_pixels(ga, attribution_map(ga, w, ca))
     pb = filter_pixels(gb, attribution_map(gb, w, cb))
     x = torch.cat([pa, pb])

@@ -95,11 +95,15 @@ class ServerProcess:
                "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0",
                "--max-batch-size", str(args.max_batch_size), "--intra-op-threads", str(args.threads),
                "--workers", str(args.workers), *(["--ort-spin"] if args.spin else []), *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
         from conceptlens.service.client import ExplainClient
 
-        with ExplainClient(self.target) as c:
-            c.wait_ready(300)
+        try:
+            with ExplainClient(self.target) as c:
+                c.wait_ready(300)
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def target(self) -> str:
@@ -160,10 +164,13 @@ class Clients:
 
         self.pb, self.images = pb, images
         self.loop = asyncio.new_event_loop()
-        self.channels = [grpc.aio.insecure_channel(target, options=channel_options()) for _ in range(clients)]
-        self.stubs = [pb_grpc.ExplainServiceStub(ch) for ch in self.channels]
-        warm = self.pb.ExplainRequest(image=unique(images[0]), options=self.pb.ExplainOptions(top_k=0))
-        self.loop.run_until_complete(asyncio.gather(*(s.Explain(warm) for s in self.stubs)))
+
+        async def connect():  # aio channels belong to the loop they are made in
+            self.channels = [grpc.aio.insecure_channel(target, options=channel_options()) for _ in range(clients)]
+            self.stubs = [pb_grpc.ExplainServiceStub(ch) for ch in self.channels]
+            warm = self.pb.ExplainRequest(image=unique(images[0]), options=self.pb.ExplainOptions(top_k=0))
+            await asyncio.gather(*(s.Explain(warm) for s in self.stubs))
+        self.loop.run_until_complete(connect())
 
     def sequential(self, options, count: int, fresh: bool = True) -> list[float]:
         """Latencies of ``count`` requests one after the other (new image bytes each, unless not fresh)."""
@@ -210,10 +217,11 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
     bare = BareOnnx(bundle, images, args)
     print(f"[{name}] bare ONNX Runtime vs the server without cache, {args.rounds} interleaved rounds ...", flush=True)
     srv = ServerProcess(bundle, args, "--cache-size", "0")
-    clients = Clients(srv.target, images, args.clients)
+    clients = None
     lat = {"bare": [], "explain": [], "plain": []}
     thr = {"bare": [], "explain": [], "plain": []}
     try:
+        clients = Clients(srv.target, images, args.clients)
         per_round = max(1, args.latency_requests // args.rounds)
         per_round_t = max(args.max_batch_size, args.throughput_requests // args.rounds)
         for _ in range(args.rounds):
@@ -225,7 +233,8 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
             thr["explain"].append(clients.concurrent(explain, per_round_t))
             thr["plain"].append(clients.concurrent(plain, per_round_t))
     finally:
-        clients.close()
+        if clients is not None:
+            clients.close()
         srv.stop()
         bare.close()
     res["bare"] = {"latency_ms": median_ms(lat["bare"]), "throughput": statistics.median(thr["bare"])}
@@ -238,16 +247,17 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
         extra = ["--redis-url", args.redis_url, "--cache-namespace", f"bench-{uuid.uuid4().hex[:8]}"] \
             if backend == "redis" else ["--cache-size", "4096"]
         srv = ServerProcess(bundle, args, *extra)
-        clients = Clients(srv.target, images, 1)
-        miss, hit = [], []
+        clients, miss, hit = None, [], []
         try:
+            clients = Clients(srv.target, images, 1)
             clients.sequential(explain, 1, fresh=False)  # the image that will hit
             per_round = max(1, args.cache_requests // args.rounds)
             for _ in range(args.rounds):
                 miss += clients.sequential(explain, per_round, fresh=True)
                 hit += clients.sequential(explain, per_round, fresh=False)
         finally:
-            clients.close()
+            if clients is not None:
+                clients.close()
             srv.stop()
         res[f"{backend}_miss_ms"], res[f"{backend}_hit_ms"] = median_ms(miss), median_ms(hit)
     return res

@@ -206,12 +206,13 @@ class Job:
     # ---- stage 1: extraction -------------------------------------------------------------------
     def extract(self) -> Path:
         i, n = self.cfg.shard
+        _ = self.dataset, self.model  # check the data and the model before anything is written
+        group = self._group_of()
         self._check_work_dir()
         path = self.part_path(i, n)
         if path.is_file():
             log.info("extract: %s is done already, skipping", path.name)
             return path
-        group = self._group_of()
         log.info("extract: data %s (%s), shard %d/%d, model %s layer %s", self.cfg.data, self.dataset.kind,
                  i, n, self.model.name, self.model.layer)
         res = extract(self.dataset, self.onnx_forward(), self.model.preprocessing, group_of=group, shard=(i, n),
@@ -266,15 +267,17 @@ class Job:
                     wanted.add([x.lower() for x in names].index(c.lower()))
                 else:
                     raise JobError(f"--classes: unknown class {c!r} for model {self.cfg.model}")
-        out = []
+        out, small = [], []
         for cls in sorted(records):
             if wanted is not None and cls not in wanted:
                 continue
-            if len(records[cls]) < self.cfg.min_images:
-                log.warning("class %d (%s) has only %d images (< --min-images %d): skipped", cls, names[cls],
-                            len(records[cls]), self.cfg.min_images)
-                continue
-            out.append(cls)
+            (out if len(records[cls]) >= self.cfg.min_images else small).append(cls)
+        if small:
+            small.sort(key=lambda c: -len(records[c]))
+            listed = ", ".join(f"{c} ({names[c]}): {len(records[c])}" for c in small[:8])
+            log.warning("%d classes have fewer images than --min-images %d (< --min-images %d): skipped; "
+                        "the largest: %s%s", len(small), self.cfg.min_images, self.cfg.min_images, listed,
+                        ", ..." if len(small) > 8 else "")
         if wanted is not None:
             for cls in sorted(wanted - set(records)):
                 log.warning("class %d (%s) has no images in the data: skipped", cls, names[cls])

@@ -33,9 +33,12 @@ class CropPool:
         c, h, w = records[0].features.shape
         cells = max(1, min(cells, h, w))
         gh, gw = h // cells, w // cells
-        feats = np.stack([r.features for r in records]).astype(np.float32)  # (N, C, H, W)
-        win = feats[:, :, :gh * cells, :gw * cells].reshape(len(records), c, gh, cells, gw, cells).mean(axis=(3, 5))
-        vec = win.transpose(0, 2, 3, 1).reshape(-1, c)  # (N*gh*gw, C)
+        chunks = []
+        for i in range(0, len(records), 256):  # bounded float32 temporaries
+            feats = np.stack([r.features[:, :gh * cells, :gw * cells] for r in records[i:i + 256]])
+            win = feats.reshape(len(feats), c, gh, cells, gw, cells).mean(axis=(3, 5), dtype=np.float32)
+            chunks.append(win.transpose(0, 2, 3, 1).reshape(-1, c))  # (n*gh*gw, C)
+        vec = np.concatenate(chunks)
         vec /= np.linalg.norm(vec, axis=1, keepdims=True) + 1e-12
         sy, sx = view_size / h, view_size / w
         boxes = []

@@ -19,7 +19,7 @@ from conceptlens.service.explain import Explainer
 from conceptlens.service.preprocess import preprocess_bytes
 from conceptlens.service.runtime_onnx import create_session
 
-CLI = [sys.executable, "-m", "conceptlens.service.cli"]
+CLI = [sys.executable, "-m", "conceptlens"]
 
 
 def run_cli(*args, timeout=600, **kw):
@@ -111,7 +111,7 @@ def test_corrupted_bundle_is_refused_by_name(cifar_bundle, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_halfway_then_rerun_resumes_without_redoing_classes(cifar_bundle_config, tmp_path):
+def test_sigkill_halfway_then_rerun_resumes_without_redoing_classes(cifar_bundle_config, cifar_bundle, tmp_path):
     """Kill the learn stage after its first class, rerun: finished classes are kept, the bundle is valid."""
     cfg = cifar_bundle_config
     out, work = tmp_path / "bundle", tmp_path / "work"
@@ -135,7 +135,6 @@ def test_sigkill_halfway_then_rerun_resumes_without_redoing_classes(cifar_bundle
     proc.wait()
     done = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in classes_dir.glob("*.safetensors")}
     assert done and not out.exists()
-    assert not [p for p in classes_dir.iterdir() if p.name.startswith(".")] or True  # temp files may remain
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr
     assert "done already, skipping" in res.stderr

@@ -37,14 +37,15 @@ def filter_pixels(acts, attributions, frac: float = 0.25) -> torch.Tensor:
     return a.permute(0, 2, 3, 1)[keep]
 
 
-def fit_hyperplane(pixels_a, pixels_b, method: str = "lbfgs", l2: float = 1e-4, max_iter: int = 200,
+def fit_hyperplane(pixels_a, pixels_b, method: str = "lbfgs", l2: float = 1e-3, max_iter: int = 50,
                    tol: float = 1e-7, lr: float = 0.01, epochs: int = 100, seed: int = 0,
                    device: str | torch.device | None = None) -> tuple[torch.Tensor, float]:
     """Logistic regression A (label 1) vs B (label 0) on pixels (n_a, C), (n_b, C): (normal (C,), offset).
 
     ``lbfgs``: mean binary cross-entropy + l2/2 ||w||^2 on inputs divided by one global scale (the
-    pixels' RMS; undone on return), L-BFGS with strong-Wolfe line search until the gradient or the
-    change falls below ``tol``. ``sgd``: the reference, nn.Linear's default init (seeded), SGD ``lr``
+    pixels' RMS; undone on return), L-BFGS with strong-Wolfe line search for at most ``max_iter``
+    iterations or until the gradient or the change falls below ``tol`` (on EfficientNet-Lite0 pixels,
+    C = 1280, it has converged by 20-50 iterations; the penalty keeps separable pairs finite). ``sgd``: the reference, nn.Linear's default init (seeded), SGD ``lr``
     for ``epochs`` full-batch steps, no penalty.
     """
     dev = resolve_device(device)

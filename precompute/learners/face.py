@@ -9,8 +9,8 @@ the basis P (k, C) >= 0 minimizes
 The reference (dipkamal/FACE) trains free codes U jointly with P; the KL term then shapes codes that new
 images never get, and held-out fidelity gets worse (REFERENCES.md). Here S is always the NNLS solution
 for P, differentiated implicitly (on each pixel's support F, G_FF s_F = B_F with G = P P^T, B = V P^T),
-and P is optimized by spectral projected gradient (Barzilai-Borwein steps, non-monotone line search;
-Birgin, Martinez & Raydan 2000) from the plain NMF (HALS) basis. The normalisation (squared error
+and P is optimized by projected L-BFGS (active set, Armijo along the projection arc) from the plain NMF
+(HALS) basis and from a head-weighted NMF basis (see ``FACE.fit``). The normalisation (squared error
 averaged over elements, KL averaged over images) is the reference's, so lam means the same in both.
 """
 from __future__ import annotations
@@ -163,18 +163,53 @@ def served_metrics(acts, basis, head_weight, head_bias, class_id: int | None = N
 
 # ---- FACE -----------------------------------------------------------------------------------------
 
+class _FaceObjective:
+    """F(P) for images a (N, HW, C) and head (w, b): ``self(P) -> (F, dF/dP, row curvature (k, 1))``.
+
+    Warm-starts each NNLS solve from the previous codes; ``history`` keeps loss, mse, kl and the logit
+    error of class ``class_id`` (None: each image's predicted class) per evaluation.
+    """
+
+    def __init__(self, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: float, class_id: int | None):
+        self.n_img, self.hw, c = a.shape
+        self.v, self.w, self.b, self.lam = a.reshape(-1, c), w, b, lam
+        self.f_true = a.mean(1) @ w.T + b
+        self.logp_true = torch.log_softmax(self.f_true, 1)
+        self.rows = torch.arange(self.n_img, device=a.device)
+        self.cls = self.f_true.argmax(1) if class_id is None else torch.full_like(self.rows, class_id)
+        self.codes: torch.Tensor | None = None
+        self.history: list[dict[str, float]] = []
+
+    def __call__(self, p: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        v, p = self.v, p.detach().requires_grad_(True)
+        s = NNLSCodes.apply(v @ p.T, p @ p.T, self.codes)
+        self.codes = s.detach()
+        mse = F.mse_loss(s @ p, v)
+        f_rec = s.view(self.n_img, self.hw, -1).mean(1) @ (p @ self.w.T) + self.b
+        kl = (self.logp_true.exp() * (self.logp_true - torch.log_softmax(f_rec, 1))).sum() / self.n_img
+        loss = mse + self.lam * kl
+        loss.backward()
+        with torch.no_grad():
+            true_y, rec_y = self.f_true[self.rows, self.cls], f_rec[self.rows, self.cls]
+            err = (true_y - rec_y).abs().mean() / (true_y.mean().abs() + 1e-4)
+            self.history.append({"loss": loss.item(), "mse": mse.item(), "kl": kl.item(), "logit_err": err.item()})
+            h = 2 * s.square().sum(0)[:, None] / v.numel()  # the squared error's curvature in row j
+        return self.history[-1]["loss"], p.grad, h + 1e-6 * h.max().clamp(min=1e-30)
+
+
 class FACE(nn.Module):
     """FACE basis trained through the served NNLS projection.
 
     ``fit(acts (N, HW, C), head_weight (K, C), head_bias (K,))`` learns ``components_`` (k, C) >= 0;
     ``encode`` gives NNLS codes (n, k) of pixels (n, C), ``decode`` maps codes back to (n, C).
-    ``max_iter``/``tol`` bound the projected-gradient iterations on P (stop when the objective fell by
-    less than ``tol`` relatively over the last ``memory`` iterations); ``nmf_max_iter`` the HALS start.
+    ``max_iter``/``tol`` bound the projected L-BFGS iterations on P per start (stop when the objective
+    fell by less than ``tol`` relatively over the last ``window`` iterations); ``nmf_max_iter`` bounds
+    the HALS starts.
     """
 
-    def __init__(self, n_components: int, lam: float = 1.0, max_iter: int = 200, tol: float = 1e-5,
+    def __init__(self, n_components: int, lam: float = 1.0, max_iter: int = 200, tol: float = 1e-4,
                  seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 nmf_max_iter: int = 200, memory: int = 5, head_weighted_start: bool = True):
+                 nmf_max_iter: int = 200, window: int = 5, head_weighted_start: bool = True):
         super().__init__()
         if n_components < 1:
             raise ValueError("n_components must be at least 1")
@@ -182,7 +217,7 @@ class FACE(nn.Module):
             raise ValueError("lam must be non-negative")
         self.n_components, self.lam, self.max_iter, self.tol, self.seed = n_components, lam, max_iter, tol, seed
         self.device, self.dtype = resolve_device(device), dtype
-        self.nmf_max_iter, self.memory, self.head_weighted_start = nmf_max_iter, memory, head_weighted_start
+        self.nmf_max_iter, self.window, self.head_weighted_start = nmf_max_iter, window, head_weighted_start
         self.register_buffer("components_", torch.zeros(0))
         self.n_iter_, self.n_evals_, self.loss_, self.start_ = 0, 0, float("nan"), ""
         self.history_: list[dict[str, float]] = []
@@ -195,9 +230,10 @@ class FACE(nn.Module):
         the NMF of the pixels with each channel c scaled by sqrt(1 + lam C F_cc / 2), F = the mean over
         images of the softmax's Fisher matrix W^T (diag p - p p^T) W: the diagonal of the KL term's
         quadratic approximation per pixel, taking the residuals within an image as fully correlated
-        (an upper bound). Both starts are optimized; the lower objective wins (``start_`` says which). ``class_id`` only selects the logit followed by
-        ``history_``'s ``logit_err`` (None: each image's predicted class); the objective uses the
-        full softmax, as FACE does.
+        (an upper bound). Both starts are optimized; the lower objective wins (``start_`` says
+        which). ``components_`` rows then have unit norm (F does not depend on row scales).
+        ``class_id`` only selects the logit followed by ``history_``'s ``logit_err`` (None: each
+        image's predicted class); the objective uses the full softmax, as FACE does.
         """
         a = _acts(acts, self.device, self.dtype)
         n_img, hw, c = a.shape
@@ -205,46 +241,23 @@ class FACE(nn.Module):
         v = a.reshape(-1, c)
         if v.shape[0] < self.n_components:
             raise ValueError(f"{v.shape[0]} pixels are too few for {self.n_components} components")
-        f_true = a.mean(1) @ w.T + b
-        logp_true = torch.log_softmax(f_true, 1)
         starts = {"nmf": self._nmf(v) if init is None else torch.as_tensor(init).to(self.device, self.dtype)}
         if self.lam > 0 and self.head_weighted_start:
-            p = logp_true.exp()
+            p = torch.softmax(a.mean(1) @ w.T + b, 1)
             fisher = (p @ w.square() - (p @ w).square()).mean(0)  # (C,) diag of mean W^T(diag p - pp^T)W
             alpha = (1 + self.lam * c * fisher.clamp(min=0) / 2).sqrt()
             starts["head_weighted"] = self._nmf(v * alpha) / alpha
-        rows = torch.arange(n_img, device=self.device)
-        cls = f_true.argmax(1) if class_id is None else torch.full((n_img,), class_id, device=self.device)
         best = None
         for name, p0 in starts.items():
-            warm: list[torch.Tensor | None] = [None]
-            history: list[dict[str, float]] = []
-
-            def objective(p: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-                p = p.detach().requires_grad_(True)
-                s = NNLSCodes.apply(v @ p.T, p @ p.T, warm[0])
-                warm[0] = s.detach()
-                mse = F.mse_loss(s @ p, v)
-                f_rec = s.view(n_img, hw, -1).mean(1) @ (p @ w.T) + b
-                kl = (logp_true.exp() * (logp_true - torch.log_softmax(f_rec, 1))).sum() / n_img
-                loss = mse + self.lam * kl
-                loss.backward()
-                with torch.no_grad():
-                    err = (f_true[rows, cls] - f_rec[rows, cls]).abs().mean() / (f_true[rows, cls].mean().abs() + 1e-4)
-                    loss, mse, kl = float(loss.detach()), float(mse.detach()), float(kl.detach())
-                    history.append({"loss": loss, "mse": mse, "kl": kl, "logit_err": float(err)})
-                    # the squared error's curvature in row j: 2 (S^T S)_jj / (n C)
-                    h = 2 * s.square().sum(0)[:, None] / v.numel()
-                return loss, p.grad, h + 1e-6 * h.max().clamp(min=1e-30)
-
+            objective = _FaceObjective(a, w, b, self.lam, class_id)
             if self.lam == 0:  # NMF's basis is already stationary for F when lam = 0
                 p, f, it = p0, objective(p0)[0], 0
             else:
                 p0 = p0.clamp(min=0)
                 p0 = p0 / p0.norm(dim=1, keepdim=True).clamp(min=1e-30)  # F is invariant to row scales
-                p, f, it = _projected_lbfgs(objective, p0, self.max_iter, self.tol, self.memory)
+                p, f, it = _projected_lbfgs(objective, p0, self.max_iter, self.tol, self.window)
             if best is None or f < best[1]:
-                best = (p, f, it, name, history)
+                best = (p, f, it, name, objective.history)
         p, self.loss_, self.n_iter_, self.start_, self.history_ = best
         self.n_evals_ = len(self.history_)
         self.components_ = p.detach()
@@ -375,18 +388,20 @@ class ReferenceResult:
     codes: torch.Tensor  # (N*HW, k), the free codes it trained
     steps: int
     losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # all of it
+    init_seconds: float = 0.0  # of which the NNDSVD start
 
 
 def reference_face_adam(acts, head_weight, head_bias, n_components: int, lam: float, lr: float = 5e-4,
-                        tol: float = 1e-3, max_steps: int = 22000, device: str | torch.device | None = None
-                        ) -> ReferenceResult:
+                        tol: float = 1e-3, max_steps: int = 22000, device: str | torch.device | None = None,
+                        max_seconds: float | None = None) -> ReferenceResult:
     """dipkamal/FACE's optimizer on the same inputs, for comparison.
 
     acts (N, HW, C): Adam (lr 5e-4) on free codes U (N*HW, k) and basis W (k, C) jointly, full batch,
     clamp >= 0 after each step, loss = mse_loss(UW, A) + lam * KL(softmax h(A) || softmax h(UW))
     (batchmean over images; h on each image's pixel mean, which is the reference's per-row head when
-    HW = 1), NNDSVD init, stop when |Δloss| < ``tol`` or after ``max_steps``.
+    HW = 1), NNDSVD init, stop when |Δloss| < ``tol`` or after ``max_steps`` (``tol`` < 0: never early;
+    ``max_seconds``: also stop after that much time, for time-matched comparisons).
     """
     dev = resolve_device(device)
     a = _acts(acts, dev, torch.float32)
@@ -395,6 +410,7 @@ def reference_face_adam(acts, head_weight, head_bias, n_components: int, lam: fl
     v = a.reshape(-1, c)
     t0 = time.perf_counter()
     u, w = _nndsvd_reference(v, n_components)
+    t_init = time.perf_counter() - t0
     u.requires_grad_(True)
     w.requires_grad_(True)
     logp_true = torch.log_softmax(a.mean(1) @ w_head.T + b_head, 1)
@@ -412,7 +428,7 @@ def reference_face_adam(acts, head_weight, head_bias, n_components: int, lam: fl
             u.clamp_(min=0)
             w.clamp_(min=0)
         losses.append(loss.item())
-        if abs(prev - losses[-1]) < tol:
+        if abs(prev - losses[-1]) < tol or (max_seconds is not None and time.perf_counter() - t0 > max_seconds):
             break
         prev = losses[-1]
-    return ReferenceResult(w.detach(), u.detach(), step, losses, time.perf_counter() - t0)
+    return ReferenceResult(w.detach(), u.detach(), step, losses, time.perf_counter() - t0, t_init)

@@ -54,37 +54,42 @@ def nndsvda_init(x: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, 
     return w, h
 
 
-def _hals_sweeps(w: torch.Tensor, xht: torch.Tensor, hht: torch.Tensor, max_sweeps: int, delta: float = 0.1
+def _hals_sweeps(wt: torch.Tensor, xht_t: torch.Tensor, hht: torch.Tensor, max_sweeps: int, delta: float = 0.1
                  ) -> torch.Tensor:
-    """Coordinate sweeps on W (n, k) for fixed XH^T (n, k) and HH^T (k, k); in place.
+    """Coordinate sweeps on W^T (k, n) for fixed (X H^T)^T (k, n) and H H^T (k, k); in place.
 
+    Rows are contiguous, so each coordinate update is one fused multiply-add over n values.
     Stops after ``max_sweeps`` or once a sweep changes W by less than ``delta`` times the first.
     """
     first = None
+    diag = hht.diagonal().clamp(min=EPS)
     for _ in range(max_sweeps):
-        change = w.new_zeros(())
-        for j in range(w.shape[1]):
-            old = w[:, j].clone()
-            w[:, j] = (w[:, j] + (xht[:, j] - w @ hht[:, j]) / (hht[j, j] + EPS)).clamp_(min=EPS)
-            change += (w[:, j] - old).square().sum()
+        change = 0.0
+        for j in range(wt.shape[0]):
+            step = (xht_t[j] - hht[j] @ wt) / diag[j]
+            new = (wt[j] + step).clamp_(min=EPS)
+            change += float((new - wt[j]).square().sum())
+            wt[j] = new
         if first is None:
             first = change
         elif change <= delta * delta * first:
             break
-    return w
+    return wt
 
 
 def hals_fit(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, max_iter: int, tol: float,
              inner: int = 10, callback: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Accelerated HALS from (W, H). Returns W, H and the number of outer iterations run."""
     norm_x = x.square().sum()
+    wt = w.T.contiguous()
     prev = None
     it = 0
     for it in range(1, max_iter + 1):
-        xht, hht = x @ h.T, h @ h.T
-        w = _hals_sweeps(w, xht, hht, inner)
-        wtx, wtw = w.T @ x, w.T @ w
-        h = _hals_sweeps(h.T.contiguous(), wtx.T.contiguous(), wtw, inner).T.contiguous()
+        # W is kept as W^T (k, n) and H as (k, C): both updates sweep over contiguous rows.
+        hxt, hht = h @ x.T, h @ h.T
+        wt = _hals_sweeps(wt, hxt, hht, inner)
+        wtx, wtw = wt @ x, wt @ wt.T
+        h = _hals_sweeps(h, wtx, wtw, inner)
         # ||X - WH||^2 from quantities already computed: ||X||^2 - 2 <W^T X, H> + <W^T W, H H^T>
         loss = float((norm_x - 2 * (wtx * h).sum() + (wtw * (h @ h.T)).sum()).clamp(min=0) / 2)
         if callback:
@@ -92,7 +97,7 @@ def hals_fit(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, max_iter: int, t
         if prev is not None and prev - loss <= tol * prev:
             break
         prev = loss
-    return w, h, it
+    return wt.T.contiguous(), h, it
 
 
 def mu_fit(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, max_iter: int, tol: float,
@@ -166,14 +171,14 @@ class NMF(nn.Module):
         """Codes (n, k) >= 0 of X (n, C) for the fixed basis (HALS on the codes only)."""
         x = self._as_input(x)
         h = self.components_
-        hht, xht = h @ h.T, x @ h.T
-        w = (xht @ torch.linalg.pinv(hht)).clamp(min=EPS)
+        hht, hxt = h @ h.T, h @ x.T
+        wt = (torch.linalg.pinv(hht) @ hxt).clamp(min=EPS)
         for _ in range(max_iter):
-            old = w.clone()
-            _hals_sweeps(w, xht, hht, 1)
-            if (w - old).abs().max() <= tol * w.abs().max().clamp(min=EPS):
+            old = wt.clone()
+            _hals_sweeps(wt, hxt, hht, 1)
+            if (wt - old).abs().max() <= tol * wt.abs().max().clamp(min=EPS):
                 break
-        return w
+        return wt.T.contiguous()
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.components_

@@ -1,0 +1,245 @@
+"""End to end: `conceptlens serve` as a process on a real port, the real EfficientNet-Lite0 CIFAR-10
+bundle (``cifar_bundle``), real ONNX Runtime, a real Redis (a private redis-server) and the real
+Prometheus endpoint.
+
+CMYK JPEGs and 16-bit PNGs are *accepted* (converted to RGB, 16-bit scaled to 8 bits) and
+explained; everything undecodable or too large is INVALID_ARGUMENT (RESOURCE_EXHAUSTED for a
+message over the size limit).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import CIFAR, require_data
+from PIL import Image
+from service_conftest import RedisProcess, bad_inputs, free_port, metric_value, png16_bytes
+
+from conceptlens.service import cli
+from conceptlens.service.client import ExplainClient, identity_gap
+
+pytestmark = pytest.mark.slow
+
+MAX_MESSAGE = 4 << 20
+
+
+def cifar_test_images(n: int) -> list[bytes]:
+    require_data()
+    out = []
+    with tarfile.open(CIFAR / "test-000.tar.gz") as tar:
+        for m in tar:
+            if m.name.endswith(".jpg"):
+                out.append(tar.extractfile(m).read())
+                if len(out) == n:
+                    break
+    return out
+
+
+class ServeProcess:
+    def __init__(self, bundle: Path, redis_url: str, log: Path):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.log = open(log, "w")
+        env = dict(os.environ, CONCEPTLENS_REDIS_URL=redis_url)  # flags also come from the environment
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "conceptlens.service.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+             "--port", str(self.port), "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+             "--max-message-bytes", str(MAX_MESSAGE), "--redis-retry-s", "0.3", "--max-batch-size", "8",
+             "--drain-delay-s", "0.3"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    r = RedisProcess(tmp_path_factory.mktemp("redis"))
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def served(cifar_bundle, redis, tmp_path_factory):
+    srv = ServeProcess(cifar_bundle, redis.url, tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        with ExplainClient(srv.target, max_message_bytes=16 << 20) as c:
+            c.wait_ready(180)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with ExplainClient(served.target, max_message_bytes=16 << 20) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def images():
+    return cifar_test_images(24)
+
+
+def check_identity(resp) -> None:
+    for x in resp.explanations:
+        assert identity_gap(x) <= 1e-4 * max(1.0, abs(x.logit)), (x.class_name, identity_gap(x))
+
+
+def test_identity_holds_in_every_answer(client, images, cifar_bundle):
+    info = client.model_info()
+    assert info.model_name == "efficientnet-lite0" and list(info.feature_shape) == [1280, 7, 7]
+    assert info.num_explained_classes >= 1
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # concurrent: the batcher forms batches
+        answers = list(pool.map(lambda im: client.explain(im, top_k=3, heatmaps="raw", prototypes=1,
+                                                          prototype_jpeg=True), images))
+    explained = 0
+    for resp in answers:
+        assert resp.bundle_id == info.bundle_id and len(resp.explanations) == 3 and len(resp.predictions) == 5
+        check_identity(resp)
+        for x in resp.explanations:
+            if x.concepts:
+                explained += 1
+                assert x.concepts[0].heatmap.height == 7 and len(x.concepts[0].heatmap.data) == 49
+                assert all(p.jpeg[:2] == b"\xff\xd8" for c in x.concepts for p in c.prototypes)
+    assert explained > 0
+    with_concepts = [c.class_id for c in client.list_classes(with_concepts_only=True).classes]
+    a, b = with_concepts[0], (with_concepts[1] if len(with_concepts) > 1 else (with_concepts[0] + 1) % 1000)
+    contrast = client.explain(images[0], classes=[a], contrast=b, max_concepts=2)
+    check_identity(contrast)
+    assert contrast.explanations[0].contrast_class_id == b
+    cc = client.class_concepts(a, prototypes=2, jpeg=True)
+    assert len(cc.concepts) == 5 and all(len(c.prototypes) <= 2 for c in cc.concepts)
+
+
+def test_same_image_twice_hits_the_cache(client, served, images):
+    image = images[5]
+    before = metric_value(served.metrics(), "conceptlens_cache_hits_total", backend="redis")
+    first = client.explain(image, top_k=2, heatmaps="png")
+    second = client.explain(image, top_k=2, heatmaps="png")
+    assert not first.cache_hit and second.cache_hit
+    assert list(first.explanations) == list(second.explanations)
+    check_identity(second)
+    after = metric_value(served.metrics(), "conceptlens_cache_hits_total", backend="redis")
+    assert after == before + 1
+    text = served.metrics()
+    assert metric_value(text, "conceptlens_concept_presence_count") > 0
+    assert metric_value(text, "conceptlens_batch_size_count") > 0
+
+
+def test_redis_stopped_mid_test_costs_no_failed_request(client, served, redis, images):
+    failures, answers, stop = [], [], threading.Event()
+
+    def load():
+        i = 0
+        while not stop.is_set():
+            try:
+                resp = client.explain(images[i % 8], top_k=1)  # repeats: hits while Redis is up
+                check_identity(resp)
+                answers.append(resp.cache_hit)
+            except Exception as e:  # noqa: BLE001 - any failure counts
+                failures.append(repr(e))
+            i += 1
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    errors_before = metric_value(served.metrics(), "conceptlens_cache_errors_total")
+    redis.stop()
+    time.sleep(1.5)
+    redis.start()  # same port, empty
+    deadline = time.monotonic() + 20
+    n_up = len(answers)
+    while time.monotonic() < deadline:  # the cache comes back by itself: hits again
+        time.sleep(0.3)
+        if any(answers[n_up:]):
+            break
+    stop.set()
+    for w in workers:
+        w.join(30)
+    assert failures == []
+    assert metric_value(served.metrics(), "conceptlens_cache_errors_total") > errors_before
+    assert any(answers[n_up:]), "no cache hit after Redis came back"
+    assert len(answers) > 10
+
+
+def _cmyk(image: bytes) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(image)).convert("CMYK").save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_bad_inputs_get_the_right_codes_and_the_server_keeps_serving(client, images):
+    def code(**kw):
+        with pytest.raises(grpc.RpcError) as e:
+            client.explain(**kw)
+        assert "Traceback" not in (e.value.details() or "")
+        return e.value.code()
+
+    for name, data in bad_inputs(images[0]).items():
+        assert code(image=data) == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert client.health() == "SERVING"
+    for accepted in (_cmyk(images[1]), png16_bytes(3, (64, 48))):  # accepted and explained
+        resp = client.explain(accepted, top_k=2)
+        assert len(resp.explanations) == 2
+        check_identity(resp)
+    assert code(image=images[0], classes=["no such class"]) == grpc.StatusCode.NOT_FOUND
+    assert code(image=images[0], classes=[5000]) == grpc.StatusCode.NOT_FOUND
+    cid = client.list_classes(with_concepts_only=True).classes[0].class_id
+    assert code(image=images[0], classes=[cid], contrast=cid) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(image=b"\xff\xd8\xff" + bytes(MAX_MESSAGE + 1024)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.health() == "SERVING"
+    check_identity(client.explain(images[2], top_k=3))
+
+
+def test_explain_cli_against_the_real_server(served, images, tmp_path, capsys):
+    image = tmp_path / "cifar.jpg"
+    image.write_bytes(images[3])
+    page = tmp_path / "page.html"
+    assert cli.main(["explain", "--server", served.target, str(image), "--top-k", "2", "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert "contribution" in out and "(residual)" in out
+    assert "data:image/png;base64," in page.read_text() or "no concepts" in page.read_text()
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(served, images):
+    """Last in this module: stops the shared server."""
+    with ExplainClient(served.target) as c:
+        futures = [c.stub.Explain.future(__import__("conceptlens.v1.explain_service_pb2", fromlist=["x"])
+                                         .ExplainRequest(image=im), timeout=60) for im in images[:8]]
+        time.sleep(0.05)
+        served.proc.send_signal(signal.SIGTERM)
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(len(f.result().predictions) > 0)
+            except grpc.RpcError as e:  # not yet admitted when the drain began
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                outcomes.append(None)
+        assert served.proc.wait(60) == 0
+    assert any(o is True for o in outcomes)
+    assert "stopped" in Path(served.log.name).read_text()
