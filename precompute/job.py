@@ -275,8 +275,8 @@ class Job:
         if small:
             small.sort(key=lambda c: -len(records[c]))
             listed = ", ".join(f"{c} ({names[c]}): {len(records[c])}" for c in small[:8])
-            log.warning("%d classes have fewer images than --min-images %d (< --min-images %d): skipped; "
-                        "the largest: %s%s", len(small), self.cfg.min_images, self.cfg.min_images, listed,
+            log.warning("%d classes have < --min-images %d images: skipped; the largest: %s%s",
+                        len(small), self.cfg.min_images, listed,
                         ", ..." if len(small) > 8 else "")
         if wanted is not None:
             for cls in sorted(wanted - set(records)):
