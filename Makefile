@@ -10,6 +10,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test test-fast proto bench lint-proto clean
 
 $(STAMP): pyproject.toml setup.py
+	@echo "installing into $(VENV) (torch's CUDA build is large: a minute or two)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel grpcio-tools
 	$(PIP) install -q $(TORCH)
@@ -21,7 +22,13 @@ install: $(STAMP)
 proto: $(STAMP)
 	$(PY) -c "exec(open('setup.py').read().split('class BuildWithProtos')[0]); generate_protos()"
 
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION := /usr/share/datasets/fashion-mnist
+
 demo: $(STAMP) proto
+	@test -d $(FASHION) || { echo "installing Debian's dataset-fashion-mnist (real images for the demo)"; \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null || { $(SUDO) apt-get update -q >/dev/null && \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }; }
 	$(PY) -m conceptlens.service.demo --out demo-out
 
 test: $(STAMP) proto

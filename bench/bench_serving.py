@@ -132,9 +132,9 @@ class BareOnnx:
             self.rt.run(self.xs[0][None])
             self.rt.run(self.batch)
 
-    def latencies(self, count: int) -> list[float]:
+    def latencies(self, count: int, start: int = 0) -> list[float]:
         out = []
-        for i in range(count):
+        for i in range(start, start + count):
             x = self.xs[i % len(self.xs)][None]
             t = time.perf_counter()
             self.rt.run(x)
@@ -172,11 +172,11 @@ class Clients:
             await asyncio.gather(*(s.Explain(warm) for s in self.stubs))
         self.loop.run_until_complete(connect())
 
-    def sequential(self, options, count: int, fresh: bool = True) -> list[float]:
+    def sequential(self, options, count: int, fresh: bool = True, start: int = 0) -> list[float]:
         """Latencies of ``count`` requests one after the other (new image bytes each, unless not fresh)."""
         async def run():
             stub, out = self.stubs[0], []
-            for i in range(count):
+            for i in range(start, start + count):
                 image = unique(self.images[i % len(self.images)]) if fresh else self.images[0]
                 request = self.pb.ExplainRequest(image=image, options=options)
                 t = time.perf_counter()
@@ -222,26 +222,37 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
     thr = {"bare": [], "explain": [], "plain": []}
     try:
         clients = Clients(srv.target, images, args.clients)
-        per_round = max(1, args.latency_requests // args.rounds)
-        per_round_t = max(args.max_batch_size, args.throughput_requests // args.rounds)
-        for _ in range(args.rounds):
-            lat["bare"] += bare.latencies(per_round)
-            lat["explain"] += clients.sequential(explain, per_round)
-            lat["plain"] += clients.sequential(plain, per_round)
-        for _ in range(args.rounds):
-            thr["bare"].append(bare.throughput(per_round_t))
-            thr["explain"].append(clients.concurrent(explain, per_round_t))
-            thr["plain"].append(clients.concurrent(plain, per_round_t))
+        for i in range(args.latency_requests):  # one of each, in rotating order: paired under the same load
+            order = ("bare", "explain", "plain")[i % 3:] + ("bare", "explain", "plain")[:i % 3]
+            for kind in order:
+                if kind == "bare":
+                    lat["bare"] += bare.latencies(1, start=i)
+                else:
+                    lat[kind] += clients.sequential(explain if kind == "explain" else plain, 1, start=i)
+        per_round = max(args.max_batch_size, args.throughput_requests // args.rounds)
+        for r in range(args.rounds):
+            order = ("bare", "explain", "plain")[r % 3:] + ("bare", "explain", "plain")[:r % 3]
+            for kind in order:
+                thr[kind].append(bare.throughput(per_round) if kind == "bare" else
+                                 clients.concurrent(explain if kind == "explain" else plain, per_round))
     finally:
         if clients is not None:
             clients.close()
         srv.stop()
         bare.close()
+    paired = lambda a, b: statistics.median(x / y for x, y in zip(a, b))  # noqa: E731
     res["bare"] = {"latency_ms": median_ms(lat["bare"]), "throughput": statistics.median(thr["bare"])}
     res["explain_latency_ms"], res["plain_latency_ms"] = median_ms(lat["explain"]), median_ms(lat["plain"])
     res["explain_throughput"] = statistics.median(thr["explain"])
     res["plain_throughput"] = statistics.median(thr["plain"])
-    res["throughput_ratio_per_round"] = [e / b for e, b in zip(thr["explain"], thr["bare"])]
+    res["ratios"] = {
+        "explain_vs_bare_latency": paired(lat["explain"], lat["bare"]),
+        "plain_vs_bare_latency": paired(lat["plain"], lat["bare"]),
+        "explain_vs_plain_latency": paired(lat["explain"], lat["plain"]),
+        "explain_vs_bare_throughput": paired(thr["explain"], thr["bare"]),
+        "plain_vs_bare_throughput": paired(thr["plain"], thr["bare"]),
+        "explain_vs_bare_throughput_rounds": [e / b for e, b in zip(thr["explain"], thr["bare"])],
+    }
     for backend in args.cache_backends:
         print(f"[{name}] cache misses vs hits, {backend} ...", flush=True)
         extra = ["--redis-url", args.redis_url, "--cache-namespace", f"bench-{uuid.uuid4().hex[:8]}"] \
@@ -251,15 +262,15 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
         try:
             clients = Clients(srv.target, images, 1)
             clients.sequential(explain, 1, fresh=False)  # the image that will hit
-            per_round = max(1, args.cache_requests // args.rounds)
-            for _ in range(args.rounds):
-                miss += clients.sequential(explain, per_round, fresh=True)
-                hit += clients.sequential(explain, per_round, fresh=False)
+            for i in range(args.cache_requests):  # alternating: paired under the same load
+                miss += clients.sequential(explain, 1, fresh=True, start=i)
+                hit += clients.sequential(explain, 1, fresh=False)
         finally:
             if clients is not None:
                 clients.close()
             srv.stop()
         res[f"{backend}_miss_ms"], res[f"{backend}_hit_ms"] = median_ms(miss), median_ms(hit)
+        res["ratios"][f"{backend}_miss_vs_hit"] = statistics.median(m / h for m, h in zip(miss, hit))
     return res
 
 
@@ -273,21 +284,25 @@ def report(results: list[dict], args) -> str:
     def row(label, fn):
         lines.append(f"{label:44}" + "".join(f"{fn(r):>22}" for r in results))
 
+    q = lambda key: (lambda r: f"{r['ratios'][key]:.3f}")  # noqa: E731
     row("bare ORT batch-1 latency (ms)", lambda r: f"{r['bare']['latency_ms']:.2f}")
     row("Explain batch-1 latency (ms)", lambda r: f"{r['explain_latency_ms']:.2f}")
     row("plain prediction batch-1 latency (ms)", lambda r: f"{r['plain_latency_ms']:.2f}")
-    row("  Explain / bare latency   (goal <= 1.10)", lambda r: f"{r['explain_latency_ms'] / r['bare']['latency_ms']:.3f}")
-    row("  plain / bare latency (serving overhead)", lambda r: f"{r['plain_latency_ms'] / r['bare']['latency_ms']:.3f}")
-    row("  Explain / plain latency (explain cost)", lambda r: f"{r['explain_latency_ms'] / r['plain_latency_ms']:.3f}")
+    row("  Explain / bare latency   (goal <= 1.10)", q("explain_vs_bare_latency"))
+    row("  plain / bare latency (serving overhead)", q("plain_vs_bare_latency"))
+    row("  Explain / plain latency (explain cost)", q("explain_vs_plain_latency"))
     row(f"bare ORT batch-{args.max_batch_size} throughput (img/s)", lambda r: f"{r['bare']['throughput']:.1f}")
     row(f"Explain throughput, {args.clients} clients (img/s)", lambda r: f"{r['explain_throughput']:.1f}")
     row(f"plain throughput, {args.clients} clients (img/s)", lambda r: f"{r['plain_throughput']:.1f}")
-    row("  Explain / bare throughput (goal >= 0.90)", lambda r: f"{r['explain_throughput'] / r['bare']['throughput']:.3f}")
-    row("  plain / bare throughput", lambda r: f"{r['plain_throughput'] / r['bare']['throughput']:.3f}")
-    row("  Explain / bare throughput, per round", lambda r: " ".join(f"{v:.2f}" for v in r["throughput_ratio_per_round"]))
+    row("  Explain / bare throughput (goal >= 0.90)", q("explain_vs_bare_throughput"))
+    row("  plain / bare throughput", q("plain_vs_bare_throughput"))
+    row("  Explain / bare throughput, min-max", lambda r: "{:.2f}-{:.2f}".format(
+        min(r["ratios"]["explain_vs_bare_throughput_rounds"]), max(r["ratios"]["explain_vs_bare_throughput_rounds"])))
     for backend in args.cache_backends:
         row(f"{backend} cache miss / hit (ms)", lambda r, b=backend: f"{r[f'{b}_miss_ms']:.2f} / {r[f'{b}_hit_ms']:.3f}")
-        row(f"  {backend} miss / hit      (goal >= 20)", lambda r, b=backend: f"{r[f'{b}_miss_ms'] / r[f'{b}_hit_ms']:.1f}")
+        row(f"  {backend} miss / hit      (goal >= 20)", lambda r, b=backend: f"{r['ratios'][f'{b}_miss_vs_hit']:.1f}")
+    lines += ["", "Ratios are medians of paired measurements (one of each kind in turn, same load); "
+              "times are medians."]
     return "\n".join(lines)
 
 
@@ -302,12 +317,12 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--spin", action="store_true", help="let ORT threads spin (server and bare alike)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--latency-requests", type=int, default=100)
-    p.add_argument("--throughput-requests", type=int, default=480)
-    p.add_argument("--cache-requests", type=int, default=100)
+    p.add_argument("--latency-requests", type=int, default=90, help="paired batch-1 requests")
+    p.add_argument("--throughput-requests", type=int, default=480, help="images per kind, over all rounds")
+    p.add_argument("--cache-requests", type=int, default=60, help="paired misses and hits")
     p.add_argument("--cache-backends", default="redis,memory")
     p.add_argument("--redis-url", default=os.environ.get("CONCEPTLENS_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of each measurement")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved throughput rounds")
     p.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     args = p.parse_args(argv)

@@ -24,6 +24,13 @@ class ServerConfig:
     metrics_host: str = _f("0.0.0.0", "address of the Prometheus /metrics endpoint")
     metrics_port: int = _f(9090, "Prometheus /metrics port (0 turns the endpoint off)")
     runtime: str = _f("onnx", "model runtime", choices=("onnx", "torchserve"))
+    torchserve_address: str = _f(None, "--runtime torchserve: TorchServe's gRPC inference address HOST:PORT "
+                                       "(its port 7070 by default)")
+    torchserve_model: str = _f("conceptlens", "--runtime torchserve: the TorchServe model, an archive built by "
+                                              "`conceptlens torchserve-archive` from this bundle")
+    torchserve_token_file: str = _f(None, "--runtime torchserve: TorchServe's key_file.json (or a file holding "
+                                          "its inference key) when its token authorization is on")
+    torchserve_timeout_s: float = _f(60.0, "--runtime torchserve: seconds one TorchServe inference may take")
     device: str = _f("auto", "auto: CUDA when a GPU is present, else CPU", choices=("auto", "cpu", "cuda"))
     intra_op_threads: int = _f(0, "ONNX Runtime threads per operator (0: one per physical core)")
     inter_op_threads: int = _f(1, "ONNX Runtime threads across operators")
@@ -64,6 +71,8 @@ class ServerConfig:
                      "stream_concurrency", "max_message_bytes", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.runtime == "torchserve" and not self.torchserve_address:
+            raise ValueError("--runtime torchserve needs --torchserve-address HOST:PORT")
         if self.max_queue_delay_ms < 0:
             raise ValueError("--max-queue-delay-ms must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):

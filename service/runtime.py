@@ -167,3 +167,12 @@ def _onnx_factory(model_path, device="auto", intra_op_threads=0, inter_op_thread
 
 
 register_runtime("onnx", _onnx_factory)
+
+
+def _torchserve_factory(model_path, **settings):
+    from .runtime_torchserve import create  # TorchServe's gRPC client, imported only when asked for
+
+    return create(model_path, **settings)
+
+
+register_runtime("torchserve", _torchserve_factory)

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExplainService"].full_name  # conceptlens.v1.ExplainService
 MAX_CLASSES_PER_REQUEST = 32
 HASH_IN_THREAD_BYTES = 256 << 10  # hash larger images off the event loop
+MAX_OVERLAY_SIDE = 1024  # PNG overlays of larger images keep the aspect ratio at this long side
 
 RAW, PNG = pb.HEATMAP_FORMAT_RAW, pb.HEATMAP_FORMAT_PNG_OVERLAY
 HEATMAP_FORMATS = {pb.HEATMAP_FORMAT_UNSPECIFIED, pb.HEATMAP_FORMAT_NONE, RAW, PNG}
@@ -364,8 +365,10 @@ class ServingModel:
                 cm.heatmap.format, cm.heatmap.height, cm.heatmap.width = RAW, h, w
                 cm.heatmap.scale, cm.heatmap.data = scale, data
             elif plan.heatmap == PNG:
-                data, top = overlay_png(c.heatmap, (info.width, info.height), crop)
-                cm.heatmap.format, cm.heatmap.height, cm.heatmap.width = PNG, info.height, info.width
+                f = min(1.0, MAX_OVERLAY_SIDE / max(info.width, info.height))
+                size = (max(1, round(info.width * f)), max(1, round(info.height * f)))
+                data, top = overlay_png(c.heatmap, size, tuple(round(v * f) for v in crop))
+                cm.heatmap.format, cm.heatmap.width, cm.heatmap.height = PNG, size[0], size[1]
                 cm.heatmap.scale, cm.heatmap.data = top, data
             for ref in c.prototypes[:plan.prototypes]:
                 self._encode_prototype(cm.prototypes.add(), ref, plan.prototype_jpeg)
@@ -522,6 +525,9 @@ class ExplainServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._stopped = asyncio.Event()
+        # requests past the cache at once: the queue, the running batches, and as many decoding
+        self._admitted = 0
+        self._admission_limit = config.max_queue_size + 2 * config.max_batch_size * config.max_concurrent_batches
 
     # --- lifecycle ---
     async def start(self) -> int:
@@ -585,7 +591,9 @@ class ExplainServer:
         bundle = self._bundle or load_bundle(cfg.bundle, verify=not cfg.no_verify)
         runtime = self._runtime or create_runtime(
             cfg.runtime, bundle.model_path, device=cfg.device, intra_op_threads=cfg.intra_op_threads,
-            inter_op_threads=cfg.inter_op_threads, spin=cfg.ort_spin)
+            inter_op_threads=cfg.inter_op_threads, spin=cfg.ort_spin, torchserve_address=cfg.torchserve_address,
+            torchserve_model=cfg.torchserve_model, torchserve_token_file=cfg.torchserve_token_file,
+            torchserve_timeout_s=cfg.torchserve_timeout_s)
         model = ServingModel(bundle, runtime, cfg)
         if not cfg.no_warmup:
             t = time.perf_counter()
@@ -679,6 +687,11 @@ class ExplainServer:
                 return hit + pb.ExplainResponse(cache_hit=True, timings=pb.Timings(
                     cache_seconds=t_cache, total_seconds=total)).SerializeToString()
         plan = model.plan(request.options)  # after the cache: a cached answer had valid options
+        if self._admitted >= self._admission_limit:  # bound the work in the pipeline, before decoding
+            metrics.drop("queue_full")
+            raise QueueFullError(f"the server is busy: {self._admitted} requests are already being served; "
+                                 f"retry later")
+        self._admitted += 1
         metrics.inflight.inc()
         try:
             t0 = time.perf_counter()
@@ -692,6 +705,7 @@ class ExplainServer:
             metrics.stage("explain", t_explain)
             metrics.stage("encode", t_encode)
         finally:
+            self._admitted -= 1
             metrics.inflight.dec()
         if key is not None:
             self.cache.put(key, body)

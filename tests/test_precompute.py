@@ -197,3 +197,34 @@ def test_bad_image_is_skipped_and_counted_and_small_classes_are_reported(tmp_pat
     res = run_cli("precompute", "--model", "efficientnet-lite0", "--data", shard, "--out", tmp_path / "c",
                   "--min-images", "1000", "--work", tmp_path / "w2", "--device", "cpu")
     assert res.returncode == 2 and "no class has at least --min-images 1000" in res.stderr
+
+
+def test_torchvision_model_with_weights_file_and_non_linear_head(tmp_path):
+    """resnet18 from a local weights file (weights_only), explained at layer3: the head (layer4, pool,
+    fc) is not linear, so weights come from finite differences and the bundle carries head.onnx."""
+    import torch
+    import torchvision
+
+    require_data()
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    shard = write_subset_shard(tmp_path / "s.tar", 60)
+    out = tmp_path / "b"
+    res = run_cli("precompute", "--model", "resnet18", "--weights", weights, "--layer", "layer3", "--data", shard,
+                  "--out", out, "--min-images", "10", "--concepts", "3", "--prototypes", "1", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    bundle = load_bundle(out)
+    assert bundle.head_kind == "generic" and bundle.feature_shape == (256, 14, 14)
+    assert len(bundle.class_names) == 10
+    head = create_session(out / "head.onnx", device="cpu")
+    explainer = Explainer(bundle, head=lambda a: head.run(["logits"], {"features": a})[0])
+    session = create_session(bundle.model_path, device="cpu")
+    x = np.stack([preprocess_bytes(b, bundle.preprocessing)[0] for b in
+                  [p.read_bytes() for p in sorted(IMAGENET.glob("*.jpg"))[:4]]])
+    feats, logits = session.run(["features", "logits"], {"image": x})
+    for f, l in zip(feats, logits):
+        for cid in bundle.classes:
+            e = explainer.explain(f, l, cid)
+            assert e.identity_error < 1e-4 * max(1.0, abs(e.target))
+            assert np.isfinite([c.weight for c in e.concepts]).all()

@@ -149,6 +149,15 @@ def test_png_overlay_is_at_image_size_and_transparent_outside_the_crop(client):
     assert alpha[box.y0:box.y1, box.x0:box.x1].max() > 0
 
 
+def test_png_overlay_of_a_large_image_is_capped_keeping_the_aspect_ratio(client):
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((2048, 1536)).convert("RGB").save(buf, format="JPEG")
+    resp = client.explain(buf.getvalue(), classes=[1], heatmaps="png", max_concepts=1)
+    hm = resp.explanations[0].concepts[0].heatmap
+    assert (hm.width, hm.height) == (1024, 768) == Image.open(io.BytesIO(hm.data)).size
+    assert (resp.image.width, resp.image.height) == (2048, 1536)
+
+
 def test_cmyk_and_16_bit_images_are_explained(client):
     for data in (cmyk_jpeg_bytes(3), png16_bytes(4)):
         resp = client.explain(data, top_k=2)

@@ -181,20 +181,31 @@ class _FaceObjective:
         self.history: list[dict[str, float]] = []
 
     def __call__(self, p: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        v, p = self.v, p.detach().requires_grad_(True)
-        s = NNLSCodes.apply(v @ p.T, p @ p.T, self.codes)
-        self.codes = s.detach()
-        mse = F.mse_loss(s @ p, v)
-        f_rec = s.view(self.n_img, self.hw, -1).mean(1) @ (p @ self.w.T) + self.b
-        kl = (self.logp_true.exp() * (self.logp_true - torch.log_softmax(f_rec, 1))).sum() / self.n_img
-        loss = mse + self.lam * kl
-        loss.backward()
+        # The gradient by hand, not autograd through the (n, C) products: three n k C matmuls, not five.
+        # Squared error: by the envelope theorem only its partial in P counts, -2/(nC) S^T R. KL: through
+        # the small head graph directly, and through S implicitly, U = G_FF^{-1} dKL/dS per pixel, which
+        # enters via B = V P^T (U^T V) and G = P P^T (-(U^T S + S^T U) P).
+        v, n_img, hw, lam = self.v, self.n_img, self.hw, self.lam
+        p = p.detach()
         with torch.no_grad():
+            s, solver = _nnls(v @ p.T, p @ p.T, self.codes, 500, 1e-6)
+            self.codes = s
+            mse = (v - s @ p).square().sum(dtype=torch.float64) / v.numel()
+        s_bar = s.view(n_img, hw, -1).mean(1).requires_grad_(True)
+        p_head = p.clone().requires_grad_(True)
+        f_rec = s_bar @ (p_head @ self.w.T) + self.b
+        kl = (self.logp_true.exp() * (self.logp_true - torch.log_softmax(f_rec, 1))).sum() / n_img
+        kl.backward()
+        with torch.no_grad():
+            u = solver.apply(lam * s_bar.grad.repeat_interleave(hw, dim=0) / hw)
+            c = 2.0 / v.numel()
+            grad = (u - c * s).T @ v + (c * (s.T @ s) - u.T @ s - s.T @ u) @ p + lam * p_head.grad
+            loss = float(mse) + lam * kl.item()
             true_y, rec_y = self.f_true[self.rows, self.cls], f_rec[self.rows, self.cls]
             err = (true_y - rec_y).abs().mean() / (true_y.mean().abs() + 1e-4)
-            self.history.append({"loss": loss.item(), "mse": mse.item(), "kl": kl.item(), "logit_err": err.item()})
-            h = 2 * s.square().sum(0)[:, None] / v.numel()  # the squared error's curvature in row j
-        return self.history[-1]["loss"], p.grad, h + 1e-6 * h.max().clamp(min=1e-30)
+            self.history.append({"loss": loss, "mse": float(mse), "kl": kl.item(), "logit_err": err.item()})
+            h = c * s.square().sum(0)[:, None]  # the squared error's curvature in row j: 2 (S^T S)_jj / (nC)
+        return loss, grad, h + 1e-6 * h.max().clamp(min=1e-30)
 
 
 class FACE(nn.Module):
@@ -202,14 +213,16 @@ class FACE(nn.Module):
 
     ``fit(acts (N, HW, C), head_weight (K, C), head_bias (K,))`` learns ``components_`` (k, C) >= 0;
     ``encode`` gives NNLS codes (n, k) of pixels (n, C), ``decode`` maps codes back to (n, C).
-    ``max_iter``/``tol`` bound the projected L-BFGS iterations on P per start (stop when the objective
-    fell by less than ``tol`` relatively over the last ``window`` iterations); ``nmf_max_iter`` bounds
-    the HALS starts.
+    ``max_iter``/``tol`` bound the projected L-BFGS iterations on P (stop when the objective fell by
+    less than ``tol`` relatively over the last ``window`` iterations); ``nmf_max_iter`` bounds the HALS
+    starts. After ``fit``: ``loss_`` (F), ``n_iter_``, ``n_evals_`` (all starts), ``start_``,
+    ``history_`` (per evaluation of the chosen start: loss, mse, kl, logit_err).
     """
 
     def __init__(self, n_components: int, lam: float = 1.0, max_iter: int = 200, tol: float = 1e-4,
                  seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 nmf_max_iter: int = 200, window: int = 5, head_weighted_start: bool = True):
+                 nmf_max_iter: int = 200, window: int = 5, head_weighted_start: bool = True,
+                 screen_iter: int = 15):
         super().__init__()
         if n_components < 1:
             raise ValueError("n_components must be at least 1")
@@ -218,6 +231,7 @@ class FACE(nn.Module):
         self.n_components, self.lam, self.max_iter, self.tol, self.seed = n_components, lam, max_iter, tol, seed
         self.device, self.dtype = resolve_device(device), dtype
         self.nmf_max_iter, self.window, self.head_weighted_start = nmf_max_iter, window, head_weighted_start
+        self.screen_iter = screen_iter
         self.register_buffer("components_", torch.zeros(0))
         self.n_iter_, self.n_evals_, self.loss_, self.start_ = 0, 0, float("nan"), ""
         self.history_: list[dict[str, float]] = []
@@ -230,9 +244,9 @@ class FACE(nn.Module):
         the NMF of the pixels with each channel c scaled by sqrt(1 + lam C F_cc / 2), F = the mean over
         images of the softmax's Fisher matrix W^T (diag p - p p^T) W: the diagonal of the KL term's
         quadratic approximation per pixel, taking the residuals within an image as fully correlated
-        (an upper bound). Both starts are optimized; the lower objective wins (``start_`` says
-        which). ``components_`` rows then have unit norm (F does not depend on row scales).
-        ``class_id`` only selects the logit followed by ``history_``'s ``logit_err`` (None: each
+        (an upper bound). Both starts run ``screen_iter`` iterations, the one with the lower objective
+        then runs on (``start_`` says which). With ``lam > 0`` the rows of ``components_`` have unit
+        norm (F does not depend on row scales). ``class_id`` only selects the logit followed by ``history_``'s ``logit_err`` (None: each
         image's predicted class); the objective uses the full softmax, as FACE does.
         """
         a = _acts(acts, self.device, self.dtype)
@@ -247,19 +261,24 @@ class FACE(nn.Module):
             fisher = (p @ w.square() - (p @ w).square()).mean(0)  # (C,) diag of mean W^T(diag p - pp^T)W
             alpha = (1 + self.lam * c * fisher.clamp(min=0) / 2).sqrt()
             starts["head_weighted"] = self._nmf(v * alpha) / alpha
-        best = None
+        # each start gets ``screen_iter`` iterations; the one ahead runs on (fresh L-BFGS memory)
+        runs = {}
         for name, p0 in starts.items():
             objective = _FaceObjective(a, w, b, self.lam, class_id)
             if self.lam == 0:  # NMF's basis is already stationary for F when lam = 0
-                p, f, it = p0, objective(p0)[0], 0
-            else:
-                p0 = p0.clamp(min=0)
-                p0 = p0 / p0.norm(dim=1, keepdim=True).clamp(min=1e-30)  # F is invariant to row scales
-                p, f, it = _projected_lbfgs(objective, p0, self.max_iter, self.tol, self.window)
-            if best is None or f < best[1]:
-                best = (p, f, it, name, objective.history)
-        p, self.loss_, self.n_iter_, self.start_, self.history_ = best
-        self.n_evals_ = len(self.history_)
+                runs[name] = (p0, objective(p0)[0], 0, objective)
+                continue
+            p0 = p0.clamp(min=0)
+            p0 = p0 / p0.norm(dim=1, keepdim=True).clamp(min=1e-30)  # F is invariant to row scales
+            budget = self.max_iter if len(starts) == 1 else min(self.screen_iter, self.max_iter)
+            runs[name] = (*_projected_lbfgs(objective, p0, budget, self.tol, self.window), objective)
+        self.start_ = min(runs, key=lambda k: runs[k][1])
+        p, f, it, objective = runs[self.start_]
+        if len(starts) > 1 and self.lam > 0 and it < self.max_iter:
+            p, f, more = _projected_lbfgs(objective, p, self.max_iter - it, self.tol, self.window)
+            it += more
+        self.loss_, self.n_iter_, self.history_ = f, it, objective.history
+        self.n_evals_ = sum(len(r[3].history) for r in runs.values())
         self.components_ = p.detach()
         return self
 

@@ -1,0 +1,190 @@
+"""TorchServe handler: conceptlens explanations served from inside TorchServe.
+
+Packed into a model archive by ``conceptlens torchserve-archive`` with the bundle under ``bundle/``
+(checksums verified at load) and a ``model-config.yaml`` with TorchServe's batch settings. It runs
+in a TorchServe worker and needs only the installed ``conceptlens`` package there.
+
+It is the gRPC service's request pipeline, not a copy of it: options are validated and resolved by
+``ServingModel.plan``, images decoded by ``ServingModel.decode``, the batch run by
+``ServingModel.infer`` and each answer built by ``ServingModel.answer`` (the ``Explainer`` core and
+the same protobuf encoding), so an answer is the gRPC ``ExplainResponse`` of the same image and
+options, as JSON (``json_format.MessageToDict`` with proto field names; bytes as base64).
+
+A TorchServe batch holds requests of different clients. Each request's own options (classes, top k,
+contrast, max concepts, heatmaps, prototypes, predictions) are honoured; one forward pass runs for
+the whole batch. A request that cannot be served (bad image, bad options, unknown class) gets its
+own error status and JSON body ``{"code", "type", "message"}``; the others in the batch are answered
+and the worker keeps serving. See ``ts_requests`` for the three request kinds (explain, features,
+describe) and how inputs are sent over REST and gRPC.
+
+Settings, from the ``handler:`` section of the archive's model-config.yaml:
+``device`` (auto | cpu | cuda), ``intra_op_threads``, ``inter_op_threads``, ``default_prototypes``,
+``default_predictions``, ``max_pixels``, ``verify_bundle``, ``warmup``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import json_format
+
+from conceptlens.handlers.ts_requests import RequestError, error_body, npy_bytes, parse_row
+from conceptlens.handlers.worker_runtime import WorkerOnnxRuntime
+from conceptlens.service.bundle import load_bundle
+from conceptlens.service.config import ServerConfig
+from conceptlens.service.server import ClassNotFoundError, ServingModel
+from conceptlens.v1 import explain_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+BUNDLE_DIR = "bundle"  # where the archive keeps the bundle, relative to the model directory
+JSON = "application/json"
+NPY = "application/octet-stream"
+OPTIONS_HEADER = "x-conceptlens-options"
+
+
+class ConceptLensHandler:
+    """One per worker: the bundle, its ONNX Runtime session and the service's ServingModel."""
+
+    def __init__(self):
+        self.model: ServingModel | None = None
+        self.initialized = False
+        self.describe_json = ""
+
+    def initialize(self, context) -> None:
+        props = context.system_properties
+        settings = dict((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})
+        model_dir = Path(props["model_dir"])
+        bundle = load_bundle(model_dir / BUNDLE_DIR, verify=bool(settings.get("verify_bundle", True)))
+        runtime = WorkerOnnxRuntime(
+            bundle.model_path, device=str(settings.get("device", "auto")), gpu_id=props.get("gpu_id"),
+            intra_op_threads=int(settings.get("intra_op_threads", 0)),
+            inter_op_threads=int(settings.get("inter_op_threads", 1)))
+        batch_size = max(1, int(props.get("batch_size") or 1))
+        defaults = ServerConfig()
+        config = ServerConfig(
+            bundle=str(bundle.root), device=str(settings.get("device", "auto")), max_batch_size=batch_size,
+            default_prototypes=int(settings.get("default_prototypes", defaults.default_prototypes)),
+            default_predictions=int(settings.get("default_predictions", defaults.default_predictions)),
+            max_pixels=int(settings.get("max_pixels", defaults.max_pixels)))
+        self.model = ServingModel(bundle, runtime, config)
+        if settings.get("warmup", True):
+            self.model.warmup(batch_size)
+        self.describe_json = json.dumps(json_format.MessageToDict(
+            self.model.model_info, preserving_proto_field_name=True))
+        self.initialized = True
+        log.info("conceptlens handler: bundle %s, %d classes with concepts, %s, batch <= %d",
+                 bundle.bundle_id, len(bundle.classes), ",".join(runtime.providers), batch_size)
+
+    # -- one TorchServe batch ------------------------------------------------------------------
+    def handle(self, data: list, context) -> list:
+        """TorchServe's entry: one answer per request, in order (str JSON or bytes)."""
+        start = time.perf_counter()
+        model = self.model
+        crop = model.bundle.preprocessing.crop
+        out: list = [None] * len(data)
+        pending = []  # (index, kind, inputs (n, 3, S, S), plan, image info, decode seconds)
+        for i, raw in enumerate(data):
+            try:
+                row = parse_row(raw, crop, _header(context, i, OPTIONS_HEADER))
+                if row.kind == "describe":
+                    out[i] = self._ok(context, i, self.describe_json, JSON)
+                elif row.kind == "features":
+                    pending.append((i, "features", row.tensor, None, None, 0.0))
+                else:
+                    plan = model.plan(row.options)
+                    t = time.perf_counter()
+                    x, info = model.decode(row.image)
+                    pending.append((i, "explain", x[None], plan, info, time.perf_counter() - t))
+            except Exception as e:
+                out[i] = self._error(context, i, e)
+        if not pending:
+            return out
+        inputs = [x for p in pending for x in p[2]]  # views, one per image
+        t = time.perf_counter()
+        outputs = self._infer(inputs)
+        t_infer = time.perf_counter() - t
+        row = 0
+        for i, kind, x, plan, info, t_decode in pending:
+            mine = outputs[row:row + len(x)]
+            row += len(x)
+            try:
+                if kind == "features":
+                    body = npy_bytes(np.stack([f for f, _ in mine]), np.stack([lg for _, lg in mine]))
+                    out[i] = self._ok(context, i, body, NPY)
+                    continue
+                features, logits = mine[0]
+                body, t_explain, t_encode = model.answer(features, logits, plan, info, _NO_METRICS)
+                answer = pb.ExplainResponse.FromString(body)
+                answer.timings.CopyFrom(pb.Timings(
+                    decode_seconds=t_decode, inference_seconds=t_infer, explain_seconds=t_explain,
+                    encode_seconds=t_encode, total_seconds=time.perf_counter() - start, batch_size=len(inputs)))
+                text = json.dumps(json_format.MessageToDict(answer, preserving_proto_field_name=True),
+                                  separators=(",", ":"))
+                out[i] = self._ok(context, i, text, JSON)
+            except Exception as e:
+                out[i] = self._error(context, i, e)
+        return out
+
+    def _infer(self, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One forward pass over every image of the batch (in chunks only for a fixed-batch model)."""
+        fixed = self.model.runtime.max_batch_size
+        if not fixed or len(inputs) <= fixed:
+            return self.model.infer(inputs)
+        return [o for s in range(0, len(inputs), fixed) for o in self.model.infer(inputs[s:s + fixed])]
+
+    @staticmethod
+    def _ok(context, i: int, body, content_type: str):
+        context.set_response_content_type(i, content_type)
+        return body
+
+    @staticmethod
+    def _error(context, i: int, exc: BaseException) -> str:
+        """Status and JSON body for a request that failed; never a stack trace to the client."""
+        if isinstance(exc, (ClassNotFoundError, KeyError)):
+            code, message = 404, str(exc.args[0]) if exc.args else "class not found"
+        elif isinstance(exc, (RequestError, ValueError)):  # ImageError is a ValueError
+            code, message = 400, str(exc)
+        else:
+            ref = uuid.uuid4().hex[:12]
+            log.error("conceptlens handler: internal error (ref %s)", ref, exc_info=exc)
+            code, message = 500, f"internal error (ref {ref}); the model log has the details"
+        context.set_response_status(code, message, i)
+        context.set_response_content_type(i, JSON)
+        return error_body(code, message)
+
+
+def _header(context, i: int, name: str):
+    """Request header ``name`` (lower case) of request ``i``, any case as sent; None if absent."""
+    try:
+        headers = context.get_all_request_header(i)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    for key, value in (headers or {}).items():
+        if isinstance(key, str) and key.lower() == name and isinstance(value, (str, bytes)):
+            return value
+    return None
+
+
+class _NoMetrics:
+    """The service's per-class Prometheus series have no place in a TorchServe worker."""
+
+    def explanation(self, *args, **kwargs) -> None:
+        pass
+
+
+_NO_METRICS = _NoMetrics()
+_HANDLER = ConceptLensHandler()
+
+
+def handle(data, context):
+    """TorchServe entry point: ``handle(None, context)`` loads the model, later calls answer a batch."""
+    if not _HANDLER.initialized:
+        _HANDLER.initialize(context)
+    if data is None:
+        return None
+    return _HANDLER.handle(data, context)
