@@ -96,7 +96,15 @@ def synthetic(seed: int = 0):
 
 def row(name: str, seconds: float, train_obj: float, m_train: dict, m_val: dict, extra: str = "") -> str:
     return (f"{name:<22}{seconds:>9.2f}{train_obj:>12.5f}{m_train['objective']:>12.5f}{m_val['objective']:>12.5f}"
-            f"{m_train['logit_err']:>10.4f}{m_val['logit_err']:>10.4f}{m_val['top1']:>7.2f}{m_val['rel_err']:>8.3f}  {extra}")
+            f"{m_train['logit_err']:>10.4f}{m_val['logit_err']:>10.4f}{m_val['top1']:>7.2f}{m_val['rel_err']:>8.3f}"
+            f"  {extra}")
+
+
+def ratios(name: str, secs: float, m_tr: dict, m_va: dict, face: tuple) -> str:
+    f_s, f_tr, f_va = face
+    return (f"ratios {name} / FACE: time {secs / f_s:.2f}x, served objective train "
+            f"{m_tr['objective'] / f_tr['objective']:.2f}x, held-out {m_va['objective'] / f_va['objective']:.2f}x, "
+            f"held-out logit error {m_va['logit_err'] / max(f_va['logit_err'], 1e-12):.2f}x")
 
 
 def main() -> None:
@@ -161,7 +169,8 @@ def main() -> None:
         refs.append(full)
     t0 = time.perf_counter()
     nmf = NMF(args.k, device=args.device).fit(tr.reshape(-1, tr.shape[-1]))
-    runs.insert(0, ("plain NMF (HALS)", time.perf_counter() - t0, float("nan"), nmf.components_, f"{nmf.n_iter_} iters"))
+    runs.insert(0, ("plain NMF (HALS)", time.perf_counter() - t0, float("nan"), nmf.components_,
+                    f"{nmf.n_iter_} iters"))
 
     print("\nobjective = mse + λ·KL; 'own' = each optimizer's training objective (the reference's with its "
           "free codes), 'served' = with NNLS codes as the service projects")
@@ -175,19 +184,14 @@ def main() -> None:
         print(row(name, secs, own, m_tr, m_va, extra))
     longest = max(refs, key=lambda r: r.steps)
     step_s = (longest.seconds - longest.init_seconds) / longest.steps
-    print(f"reference: {step_s * 1e3:.1f} ms a step (over {longest.steps}) after a {ref.init_seconds:.1f} s NNDSVD start; its "
-          f"{args.reference_steps}-step cap would take ~{ref.init_seconds + step_s * args.reference_steps:.0f} s here")
+    print(f"reference: {step_s * 1e3:.1f} ms a step (over {longest.steps}) after a {ref.init_seconds:.1f} s NNDSVD "
+          f"start; its {args.reference_steps}-step cap would take "
+          f"~{ref.init_seconds + step_s * args.reference_steps:.0f} s here")
     f_s, f_tr, f_va = scored["FACE (conceptlens)"]
-    r_s, r_tr, r_va = scored["reference Adam"]
-    print(f"\nratios reference / FACE: time {r_s / f_s:.2f}x, served objective train "
-          f"{r_tr['objective'] / f_tr['objective']:.2f}x, held-out {r_va['objective'] / f_va['objective']:.2f}x, "
-          f"held-out logit error {r_va['logit_err'] / max(f_va['logit_err'], 1e-12):.2f}x")
-    for name in ("reference, same time", "reference, full"):
+    print()
+    for name in ("reference Adam", "reference, same time", "reference, full"):
         if name in scored:
-            s, m_tr, m_va = scored[name]
-            print(f"ratios {name} / FACE: time {s / f_s:.2f}x, served objective train "
-                  f"{m_tr['objective'] / f_tr['objective']:.2f}x, held-out {m_va['objective'] / f_va['objective']:.2f}x, "
-                  f"held-out logit error {m_va['logit_err'] / max(f_va['logit_err'], 1e-12):.2f}x")
+            print(ratios(name, *scored[name], scored["FACE (conceptlens)"]))
     n_s, n_tr, n_va = scored["plain NMF (HALS)"]
     print(f"FACE vs plain NMF, held-out logit error: {f_va['logit_err']:.4f} vs {n_va['logit_err']:.4f} "
           f"({'better' if f_va['logit_err'] < n_va['logit_err'] else 'NOT better'}); time {f_s / n_s:.1f}x NMF's")
@@ -209,7 +213,8 @@ def main() -> None:
 def bench_hyperplane(data, w, args) -> None:
     ca, cb = int(data["class_a"][0]), int(data["class_b"][0])
     side = int(round(data["acts"].shape[1] ** 0.5))  # (N, HW, C) -> (N, C, H, W) on a square grid
-    ga, gb = (x.float().transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side) for x in (data["acts"], data["acts_b"]))
+    ga, gb = (x.float().transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+              for x in (data["acts"], data["acts_b"]))
     pa = filter_pixels(ga, attribution_map(ga, w, ca))
     pb = filter_pixels(gb, attribution_map(gb, w, cb))
     x = torch.cat([pa, pb])

@@ -61,13 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # Parse once to find the command, then let that command's module add its arguments.
-    known, _ = parser.parse_known_args(argv)
-    if not getattr(known, "command", None):
+    # Find the command first (not with parse_known_args: "--help" would exit before the command's
+    # module has added its arguments), then let that module add them.
+    command = next((a for a in argv if a in COMMANDS), None)
+    if command is None:
+        parser.parse_args(argv)  # prints usage or help
         parser.print_help()
         return 2
-    module = importlib.import_module(known._module)
-    subparser = parser._subparsers._group_actions[0].choices[known.command]
+    module = importlib.import_module(COMMANDS[command][0])
+    subparser = parser._subparsers._group_actions[0].choices[command]
     module.add_arguments(subparser)
     apply_env_defaults(subparser)
     args = parser.parse_args(argv)

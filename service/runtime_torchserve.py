@@ -125,6 +125,12 @@ class TorchServeRuntime:
             body = self._call({"tensor": npy_bytes(batch)}, timeout=self.timeout_s)
         except grpc.RpcError as e:
             raise RuntimeError(f"TorchServe {self.address}/{self.model_name}: {e.code().name}: {e.details()}") from None
+        if body[:1] == b"{":  # the handler's error answer (TorchServe's gRPC API drops its status)
+            try:
+                message = json.loads(body).get("message", "")
+            except ValueError:
+                message = body[:200].decode("utf-8", "replace")
+            raise RuntimeError(f"TorchServe {self.address}/{self.model_name}: {message}")
         features, logits = read_npys(body, 2)
         if len(features) != len(batch) or len(logits) != len(batch):
             raise RuntimeError(f"TorchServe answered {len(features)} rows for a batch of {len(batch)}")

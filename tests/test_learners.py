@@ -10,8 +10,8 @@ from conceptlens.precompute.learners import LEARNERS, NMF, AttributionNMF, Direc
 from conceptlens.precompute.learners.attribution import attribution_map, deeplift_map
 from conceptlens.precompute.learners.contrast import (contrast_concepts, filter_pixels, fit_hyperplane,
                                                       shift_curve, shift_test)
-from conceptlens.precompute.learners.face import (NNLSCodes, nnls_codes, reference_face_adam, served_metrics,
-                                                  sweep_lambda)
+from conceptlens.precompute.learners.face import (NNLSCodes, _FaceObjective, nnls_codes, reference_face_adam,
+                                                  served_metrics, sweep_lambda)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,6 +112,24 @@ def test_nnls_codes_gradient_matches_finite_differences():
     from conceptlens.service.nnls import NNLSProjector
     served = NNLSProjector.from_basis(p.detach().numpy()).project(v.numpy())
     np.testing.assert_allclose(s.numpy(), served, atol=1e-3)
+
+
+def test_face_objective_gradient_matches_autograd_through_nnls():
+    g = torch.Generator().manual_seed(1)
+    acts = torch.rand(5, 6, 12, generator=g, dtype=torch.float64) * (torch.rand(5, 6, 12, generator=g) < 0.6)
+    w, b = torch.randn(7, 12, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    p = torch.rand(4, 12, generator=g, dtype=torch.float64)
+    loss, grad, _ = _FaceObjective(acts, w, b, lam=0.7, class_id=None)(p)
+
+    p.requires_grad_(True)
+    v = acts.reshape(-1, 12)
+    s = NNLSCodes.apply(v @ p.T, p @ p.T, None)
+    logp = torch.log_softmax(acts.mean(1) @ w.T + b, 1)
+    logq = torch.log_softmax(s.view(5, 6, 4).mean(1) @ (p @ w.T) + b, 1)
+    ref = torch.nn.functional.mse_loss(s @ p, v) + 0.7 * (logp.exp() * (logp - logq)).sum() / 5
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(grad, p.grad, atol=1e-7, rtol=1e-6)
 
 
 # ---- (b) NMF parity with scikit-learn ----------------------------------------------------------------

@@ -45,8 +45,11 @@ def deeplift_map(images, features: nn.Module, head: nn.Module, class_id: int, ba
                  nt_samples: int = 0, nt_stdev: float = 0.25, batch_size: int = 16) -> torch.Tensor:
     """ReLU(channel mean of LayerDeepLift at the output of ``features``) of logit ``class_id``: (N, H, W).
 
-    images (N, 3, h, w) preprocessed; the model is ``head(features(x))``. ``nt_samples`` > 0 wraps it in
-    a SmoothGrad noise tunnel (the reference: 20 samples, stdev 0.25). Needs captum.
+    images (N, 3, h, w) preprocessed; the model is ``head(features(x))`` (wrap a method such as
+    EfficientNet's ``extract_features`` in a module). ``nt_samples`` > 0 wraps it in a SmoothGrad noise
+    tunnel (the reference: 20 samples, stdev 0.25). Needs captum. Captum's DeepLift rules cover ReLU,
+    ELU, LeakyReLU, Sigmoid, Tanh, Softplus, max-pooling and softmax modules (each used once per forward,
+    or captum raises); other activations, such as EfficientNet-Lite's ReLU6, pass plain gradients.
     """
     from captum.attr import LayerDeepLift, NoiseTunnel
 

@@ -45,8 +45,9 @@ def fit_hyperplane(pixels_a, pixels_b, method: str = "lbfgs", l2: float = 1e-3, 
     ``lbfgs``: mean binary cross-entropy + l2/2 ||w||^2 on inputs divided by one global scale (the
     pixels' RMS; undone on return), L-BFGS with strong-Wolfe line search for at most ``max_iter``
     iterations or until the gradient or the change falls below ``tol`` (on EfficientNet-Lite0 pixels,
-    C = 1280, it has converged by 20-50 iterations; the penalty keeps separable pairs finite). ``sgd``: the reference, nn.Linear's default init (seeded), SGD ``lr``
-    for ``epochs`` full-batch steps, no penalty.
+    C = 1280, it has converged by 20-50 iterations; the penalty keeps separable pairs finite).
+    ``sgd``: the reference, nn.Linear's default init (seeded), SGD ``lr`` for ``epochs`` full-batch
+    steps, no penalty.
     """
     dev = resolve_device(device)
     xa = torch.as_tensor(pixels_a).to(dev, torch.float32)

@@ -246,8 +246,9 @@ class FACE(nn.Module):
         quadratic approximation per pixel, taking the residuals within an image as fully correlated
         (an upper bound). Both starts run ``screen_iter`` iterations, the one with the lower objective
         then runs on (``start_`` says which). With ``lam > 0`` the rows of ``components_`` have unit
-        norm (F does not depend on row scales). ``class_id`` only selects the logit followed by ``history_``'s ``logit_err`` (None: each
-        image's predicted class); the objective uses the full softmax, as FACE does.
+        norm (F does not depend on row scales). ``class_id`` only selects the logit followed by
+        ``history_``'s ``logit_err`` (None: each image's predicted class); the objective uses the full
+        softmax, as FACE does.
         """
         a = _acts(acts, self.device, self.dtype)
         n_img, hw, c = a.shape
