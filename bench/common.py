@@ -43,14 +43,14 @@ def lite0_activations(n_images: int) -> tuple[np.ndarray, np.ndarray]:
         return z["features"], z["logits"]
     from conceptlens.service.bundle import Preprocessing
     from conceptlens.service.preprocess import preprocess_bytes
-    from conceptlens.service.runtime_onnx import create_session
+    from conceptlens.service.runtime import OnnxRuntime
 
     pre = Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3)
     x = np.stack([preprocess_bytes(b, pre)[0] for b in cifar_jpegs(n_images)])
-    sess = create_session(lite0_onnx())
+    runtime = OnnxRuntime(lite0_onnx(), device="cpu")
     feats, logits = [], []
     for i in range(0, len(x), 32):
-        f, l = sess.run(["features", "logits"], {"image": x[i:i + 32]})
+        f, l = runtime.run(x[i:i + 32])
         feats.append(f)
         logits.append(l)
     feats, logits = np.concatenate(feats), np.concatenate(logits)

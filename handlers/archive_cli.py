@@ -24,6 +24,7 @@ from ..service.cli import CLIError
 
 HERE = Path(__file__).resolve().parent
 HANDLER_FILE = HERE / "conceptlens_handler.py"
+PLAIN_HANDLER = HERE / "plain_handler.py"
 CONFIG_TEMPLATE = HERE / "config.properties"
 
 
@@ -86,8 +87,10 @@ def stage_bundle(bundle_dir: Path, dest: Path) -> list[str]:
     return names
 
 
-def build_archive(args: argparse.Namespace) -> Path:
-    """Build ``OUT/MODEL_NAME.mar``; raises CLIError for bad input, RuntimeError if the archiver fails."""
+def build_archive(args: argparse.Namespace, handler: Path = HANDLER_FILE) -> Path:
+    """Build ``OUT/MODEL_NAME.mar``; raises CLIError for bad input, RuntimeError if the archiver fails.
+
+    ``handler``: another handler file for the same layout (the bench packs ``plain_handler.py``)."""
     for name in ("batch_size", "workers", "response_timeout_s"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
@@ -104,12 +107,12 @@ def build_archive(args: argparse.Namespace) -> Path:
             stage_bundle(bundle_dir, stage / "extra" / "bundle")
         except BundleError as e:
             raise CLIError(str(e)) from None
-        shutil.copy2(HANDLER_FILE, stage / HANDLER_FILE.name)
+        shutil.copy2(handler, stage / handler.name)
         (stage / "model-config.yaml").write_text(model_config(args))
         (stage / "tmp").mkdir()
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
                "--model-name", args.model_name, "--version", args.model_version,
-               "--handler", str(stage / HANDLER_FILE.name), "--extra-files", str(stage / "extra"),
+               "--handler", str(stage / handler.name), "--extra-files", str(stage / "extra"),
                "--config-file", str(stage / "model-config.yaml"), "--export-path", str(out),
                "--archive-format", "default", "--force"]
         # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps builds apart.

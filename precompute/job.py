@@ -151,10 +151,10 @@ class Job:
 
     def onnx_forward(self):
         """The exported model as a function (N,3,S,S) float32 -> (features, logits), on ONNX Runtime."""
-        from ..service.runtime_onnx import create_session
+        from ..service.runtime import OnnxRuntime
 
-        session = create_session(self.export(), device=self.cfg.device)
-        return lambda x: tuple(session.run(["features", "logits"], {"image": x}))
+        device = "cuda" if self.cfg.device.startswith("cuda") else self.cfg.device
+        return OnnxRuntime(self.export(), device=device).run
 
     def part_path(self, i: int, n: int) -> Path:
         return self.work / "features" / f"part-{i:05d}-of-{n:05d}.safetensors"

@@ -63,6 +63,14 @@ class _NoMetrics:
         pass
 
 
+async def _within(coro, seconds: float):
+    """``coro`` with a deadline (asyncio.timeout where there is one: no extra task per call)."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await coro
+    return await asyncio.wait_for(coro, seconds)
+
+
 class MemoryCache:
     """In-process LRU of at most ``max_entries`` values and ``max_bytes`` bytes, each for ``ttl_s``."""
 
@@ -149,7 +157,7 @@ class RedisCache:
             self.metrics.cache_miss(self.backend)
             return None
         try:
-            value = await asyncio.wait_for(self._client.get(key), self.timeout_s * 2)
+            value = await _within(self._client.get(key), self.timeout_s * 2)
         except Exception as e:  # ConnectionError, TimeoutError, anything: never fail the request
             self._failed("get", e)
             self.metrics.cache_miss(self.backend)
@@ -169,8 +177,7 @@ class RedisCache:
 
     async def _set(self, key: str, value: bytes) -> None:
         try:
-            await asyncio.wait_for(self._client.set(key, value, px=max(1, int(self.ttl_s * 1000))),
-                                   self.timeout_s * 2)
+            await _within(self._client.set(key, value, px=max(1, int(self.ttl_s * 1000))), self.timeout_s * 2)
         except Exception as e:
             self._failed("set", e)
 

@@ -17,7 +17,13 @@ from conftest import CIFAR, IMAGENET, require_data, write_subset_shard
 from conceptlens.service.bundle import BundleError, load_bundle
 from conceptlens.service.explain import Explainer
 from conceptlens.service.preprocess import preprocess_bytes
-from conceptlens.service.runtime_onnx import create_session
+
+
+def create_session(path, device="cpu"):
+    """A plain ONNX Runtime session on the CPU (for the two-output model or a head.onnx)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 CLI = [sys.executable, "-m", "conceptlens"]
 

@@ -28,6 +28,7 @@ from service_conftest import RedisProcess, bad_inputs, free_port, metric_value, 
 
 from conceptlens.service import cli
 from conceptlens.service.client import ExplainClient, identity_gap
+from conceptlens.v1 import explain_service_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
@@ -229,8 +230,7 @@ def test_explain_cli_against_the_real_server(served, images, tmp_path, capsys):
 def test_sigterm_drains_in_flight_requests_and_exits_0(served, images):
     """Last in this module: stops the shared server."""
     with ExplainClient(served.target) as c:
-        futures = [c.stub.Explain.future(__import__("conceptlens.v1.explain_service_pb2", fromlist=["x"])
-                                         .ExplainRequest(image=im), timeout=60) for im in images[:8]]
+        futures = [c.stub.Explain.future(pb.ExplainRequest(image=im), timeout=60) for im in images[:8]]
         time.sleep(0.05)
         served.proc.send_signal(signal.SIGTERM)
         outcomes = []

@@ -384,7 +384,7 @@ def test_service_on_the_torchserve_runtime_answers_the_same(lite0_store, cifar_b
     with TorchServeProcess(lite0_store, ["conceptlens.mar"], tmp_path / "ts", token_auth=True) as server:
         server.wait_ready("conceptlens")
         status, body = rest(server, images[0])
-        assert status == 401, body  # no key, no answer
+        assert status == 400 and body["type"] == "InvalidKeyException", body  # TorchServe's answer without a key
         proc = subprocess.Popen(
             [sys.executable, "-m", "conceptlens.service.cli", "serve", "--bundle", str(cifar_bundle),
              "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--cache-size", "0",

@@ -1,0 +1,777 @@
+"""The static HTML evaluation report of a bundle (``conceptlens report BUNDLE [--out DIR]``).
+
+Layout of the report directory (self-contained and relocatable: every link is relative, every
+image is a copy, no JavaScript, no network)::
+
+    REPORT/
+      index.html             method and model, then every class sorted by held-out ICE fidelity
+                             (lower is better), flagged classes marked with their flags
+      class-<id>.html        one page per class: flags, the metrics (held-out and train side by
+                             side), deletion/insertion curves (inline SVG), the stitched-prototype
+                             and hyperplane-shift tests, each concept's weight and prototype crops,
+                             example images with each concept's heatmap over them
+      style.css
+      img/<id>/...           copied prototype crops (JPEG) and rendered example overlays (JPEG)
+      .conceptlens-report    marker: this directory is a report and may be replaced by the next one
+
+The whole directory is written into a temporary sibling and then renamed into place, so a reader
+never sees a half-written report; an existing report at the destination is replaced, any other
+non-empty directory there is left alone (ReportError).
+
+Metrics are rendered generically: whatever scalar keys ``metrics["held_out"]`` and
+``metrics["train"]`` hold become table rows, list-valued curves become plots, ``stitched`` and
+``shift`` get their own tables, any other key is shown as a key/value table. Absent keys are
+skipped. torch-free: numpy, Pillow and the standard library only.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..service.bundle import Bundle, BundleError, load_bundle
+from ..service.html import overlay_png
+
+MARKER = ".conceptlens-report"
+SPLITS = ("held_out", "train")
+SPLIT_TITLES = {"held_out": "held-out", "train": "train"}
+
+# Known metric keys: (label, hint). Unknown keys are shown by name.
+METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "ice_fidelity": ("ICE fidelity (relative L1 of the class logit)", "lower is better"),
+    "top1_agreement": ("top-1 agreement, true vs reconstructed", "higher is better"),
+    "accuracy_reconstructed": ("accuracy on reconstructed activations", "higher is better"),
+    "recon_error": ("reconstruction error (relative L2)", "lower is better"),
+    "c_del": ("concept deletion (C-Del)", "lower is better"),
+    "c_ins": ("concept insertion (C-Ins)", "higher is better"),
+    "gini": ("Gini sparsity of the concept importances", ""),
+    "sparsity": ("sparsity", ""),
+    "stability": ("stability across folds", "higher is better"),
+    "identity_max_error": ("max error of the logit identity", "lower is better"),
+    "images": ("images", ""),
+}
+METRIC_ORDER = list(METRIC_LABELS)
+CURVES = {"deletion_curve": ("deletion", "#c0392b"), "insertion_curve": ("insertion", "#2471a3")}
+# Columns of the index beyond the fixed ones, shown when any class has them (held-out split).
+INDEX_OPTIONAL = ["accuracy_reconstructed", "c_del", "c_ins", "gini", "stability"]
+
+CSS = """\
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1200px;
+padding:0 1em;color:#222;line-height:1.4}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
+a{color:#1a5fb4}code{background:#f4f4f4;padding:0 .25em}
+table{border-collapse:collapse;margin:.5em 0}
+td,th{padding:.3em .7em;border-bottom:1px solid #e2e2e2;text-align:right;vertical-align:middle}
+th{background:#f4f4f4;font-weight:600}td.l,th.l{text-align:left}
+tr.flagged td{background:#fff4e0}
+.flag{display:inline-block;background:#fdebd0;color:#8a4b00;border:1px solid #e0a050;border-radius:3px;
+padding:0 .35em;margin:0 .15em;font-size:.85em}
+.warn{background:#fff3cd;border:1px solid #e0c060;padding:.5em .9em;margin:.6em 0}
+.pass{color:#1e7b34;font-weight:600}.fail{color:#b03a2e;font-weight:600}
+.muted{color:#777}.small{font-size:.85em}
+dl.info{display:grid;grid-template-columns:max-content auto;gap:.15em 1em;margin:.4em 0}
+dl.info dt{color:#555}dl.info dd{margin:0}
+.protos figure,.examples figure{display:inline-block;margin:0 .35em .35em 0;text-align:center}
+.protos img{height:84px;width:84px;object-fit:cover;border:1px solid #ccc;display:block}
+.examples img{width:112px;height:112px;border:1px solid #ccc;display:block}
+figcaption{font-size:.75em;color:#555}
+.bar{display:inline-block;height:10px;vertical-align:middle}.pos{background:#3a7}.neg{background:#c44}
+.plots svg{margin-right:1em;border:1px solid #eee}
+nav{margin:.4em 0 1em}nav a{margin-right:1em}
+"""
+
+
+class ReportError(Exception):
+    """The report cannot be written (bad destination, unreadable bundle content)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def esc(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def fmt(v: Any) -> str:
+    """A metric value as short text: 4 significant digits, ints as they are, NaN/None as a dash."""
+    if v is None:
+        return "—"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if not math.isfinite(v):
+            return "—" if math.isnan(v) else ("∞" if v > 0 else "−∞")
+        if v == 0:
+            return "0"
+        if 1e-3 <= abs(v) < 1e5:
+            return f"{v:.4g}"
+        return f"{v:.3e}"
+    if isinstance(v, (list, tuple)):
+        items = [fmt(x) for x in v[:12]]
+        return "[" + ", ".join(items) + (", …" if len(v) > 12 else "") + "]"
+    return str(v)
+
+
+def _float_or_none(v: Any) -> float | None:
+    if _is_num(v) and math.isfinite(float(v)):
+        return float(v)
+    return None
+
+
+def held_out_fidelity(info: dict) -> float | None:
+    """Held-out ICE fidelity of a manifest class entry, or None when absent or not finite."""
+    return _float_or_none(((info.get("metrics") or {}).get("held_out") or {}).get("ice_fidelity"))
+
+
+def sort_classes(classes: dict[str, dict]) -> list[tuple[int, dict]]:
+    """Manifest classes as (id, info), by held-out ICE fidelity ascending (lower is better);
+    classes without a finite held-out fidelity go last, ties by class id."""
+    items = [(int(k), v) for k, v in classes.items()]
+
+    def key(item):
+        f = held_out_fidelity(item[1])
+        return (f is None, f if f is not None else 0.0, item[0])
+
+    return sorted(items, key=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# SVG line plot
+
+
+@dataclass
+class Series:
+    label: str
+    values: Sequence[float]
+    color: str = "#2471a3"
+    dashed: bool = False
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values covering [lo, hi]."""
+    span = hi - lo
+    if span <= 0 or not math.isfinite(span):
+        return [lo]
+    raw = span / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks = []
+    t = first
+    while t <= hi + step * 1e-9:
+        ticks.append(round(t, 12))
+        t += step
+    return ticks
+
+
+def svg_line_plot(series: Sequence[Series], *, width: int = 440, height: int = 280, x_label: str = "",
+                  y_label: str = "", title: str = "", y_range: tuple[float, float] | None = None) -> str:
+    """An inline SVG line plot of ``series`` (point i at x = i), no scripts, no external refs.
+
+    The y range is ``y_range``, else [0, 1] when every value lies in it (accuracies, probabilities),
+    else the data's range padded by 5%. Non-finite values break a line. Each point carries a
+    <title> tooltip with its value.
+    """
+    left, right, top, bottom = 54, 14, 30, 44
+    pw, ph = width - left - right, height - top - bottom
+    finite = [float(v) for s in series for v in s.values if _is_num(v) and math.isfinite(float(v))]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title or y_label)}" '
+           f'font-family="sans-serif" font-size="11">']
+    if title:
+        out.append(f"<title>{esc(title)}</title>")
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>')
+    if not finite:
+        out.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" fill="#777">no data</text>')
+        out.append("</svg>")
+        return "".join(out)
+    if y_range is not None:
+        lo, hi = float(y_range[0]), float(y_range[1])
+    elif min(finite) >= 0.0 and max(finite) <= 1.0:
+        lo, hi = 0.0, 1.0
+    else:
+        lo, hi = min(finite), max(finite)
+        pad = (hi - lo) * 0.05 if hi > lo else max(abs(hi), 1.0) * 0.5
+        lo, hi = lo - pad, hi + pad
+    if hi <= lo:
+        hi = lo + 1.0
+    n_max = max((len(s.values) for s in series), default=1)
+    x_hi = max(n_max - 1, 1)
+
+    def px(i: float) -> float:
+        return left + pw * (i / x_hi)
+
+    def py(v: float) -> float:
+        return top + ph * (hi - v) / (hi - lo)
+
+    for t in _nice_ticks(lo, hi):
+        y = py(t)
+        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 5}" y="{y + 3.5:.1f}" text-anchor="end" fill="#444">{t:.3g}</text>')
+    x_step = max(1, math.ceil(x_hi / 10))
+    for i in range(0, x_hi + 1, x_step):
+        x = px(i)
+        out.append(f'<line x1="{x:.1f}" y1="{top + ph}" x2="{x:.1f}" y2="{top + ph + 4}" stroke="#999"/>')
+        out.append(f'<text x="{x:.1f}" y="{top + ph + 15}" text-anchor="middle" fill="#444">{i}</text>')
+    if x_label:
+        out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle" fill="#222">{esc(x_label)}</text>')
+    if y_label:
+        out.append(f'<text x="12" y="{top + ph / 2}" text-anchor="middle" fill="#222" '
+                   f'transform="rotate(-90 12 {top + ph / 2})">{esc(y_label)}</text>')
+    for s in series:
+        dash = ' stroke-dasharray="5 3"' if s.dashed else ""
+        segment: list[str] = []
+        segments = []
+        points = []
+        for i, v in enumerate(s.values):
+            if _is_num(v) and math.isfinite(float(v)):
+                x, y = px(i), py(min(max(float(v), lo), hi))
+                segment.append(f"{x:.1f},{y:.1f}")
+                points.append((i, float(v), x, y))
+            elif segment:
+                segments.append(segment)
+                segment = []
+        if segment:
+            segments.append(segment)
+        for seg in segments:
+            if len(seg) > 1:
+                out.append(f'<polyline fill="none" stroke="{esc(s.color)}" stroke-width="2"{dash} '
+                           f'points="{" ".join(seg)}"/>')
+        for i, v, x, y in points:
+            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.6" fill="{esc(s.color)}">'
+                       f"<title>{esc(s.label)}: {i} → {fmt(v)}</title></circle>")
+    # legend in the top margin
+    lx = left
+    for s in series:
+        dash = ' stroke-dasharray="5 3"' if s.dashed else ""
+        out.append(f'<line x1="{lx}" y1="{top - 12}" x2="{lx + 18}" y2="{top - 12}" stroke="{esc(s.color)}" '
+                   f'stroke-width="2"{dash}/>')
+        out.append(f'<text x="{lx + 22}" y="{top - 8}" fill="#222">{esc(s.label)}</text>')
+        lx += 30 + 6.5 * len(s.label)
+    out.append("</svg>")
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """``root/rel`` if it is a file inside ``root`` (no escaping through .. or links), else None."""
+    try:
+        p = (root / rel).resolve()
+        p.relative_to(root.resolve())
+    except (ValueError, OSError):
+        return None
+    return p if p.is_file() else None
+
+
+def _check_image(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:
+        return False
+
+
+def _example_images(bundle: Bundle, cid: int) -> list[Path | None]:
+    """Paths of examples/<cid>/<i>.jpg (None where absent), as many as the codes tensor has rows,
+    or as many consecutive files as exist when there is no codes tensor."""
+    codes = bundle.tensors.get(f"examples/{cid}/codes")
+    paths: list[Path | None] = []
+    n = int(codes.shape[0]) if codes is not None else None
+    i = 0
+    while n is None or i < n:
+        p = _inside(bundle.root, f"examples/{cid}/{i}.jpg")
+        if n is None and p is None:
+            break
+        paths.append(p)
+        i += 1
+    return paths
+
+
+def render_overlay(base: Image.Image | None, grid: np.ndarray, vmax: float, size: int) -> Image.Image:
+    """The concept's code grid upsampled over the image (or over grey when there is no image)."""
+    if base is None:
+        base = Image.new("RGB", (size, size), (128, 128, 128))
+    base = base.convert("RGB")
+    if base.size != (size, size):
+        base = base.resize((size, size), Image.BILINEAR)
+    png, _ = overlay_png(np.asarray(grid, np.float32), (size, size), (0, 0, size, size), vmax=vmax)
+    over = Image.open(io.BytesIO(png)).convert("RGBA")
+    return Image.alpha_composite(base.convert("RGBA"), over).convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# pages
+
+
+def _page(title: str, body: str) -> str:
+    return ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{esc(title)}</title><link rel='stylesheet' href='style.css'></head>\n"
+            f"<body>\n{body}\n</body></html>\n")
+
+
+def _flags_html(flags: Iterable[str]) -> str:
+    return "".join(f"<span class=flag>{esc(f)}</span>" for f in flags)
+
+
+def _info_dl(pairs: Iterable[tuple[str, Any]]) -> str:
+    rows = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in pairs if v not in (None, ""))
+    return f"<dl class=info>{rows}</dl>"
+
+
+def _json_short(v: Any, limit: int = 200) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) <= limit else s[:limit] + "…"
+
+
+def _header_html(bundle: Bundle) -> str:
+    m = bundle.manifest
+    model, method = m.get("model", {}), m.get("method", {})
+    head = model.get("head", {})
+    shape = model.get("feature_shape")
+    model_pairs = [
+        ("model", f"<code>{esc(model.get('name', '?'))}</code>"),
+        ("layer", esc(model.get("layer", ""))),
+        ("features", esc("×".join(str(s) for s in shape)) if shape else ""),
+        ("head", esc(head.get("kind", ""))),
+        ("classes in the model", esc(model.get("num_classes", len(bundle.class_names)))),
+        ("weights sha256", f"<code>{esc(str(model.get('weights_sha256', ''))[:16])}</code>"
+         if model.get("weights_sha256") else ""),
+        ("preprocessing", esc(_json_short(m.get("preprocessing", {})))),
+    ]
+    params = method.get("params") or {}
+    method_pairs = [("method", f"<b>{esc(method.get('name', '?'))}</b>")]
+    method_pairs += [(f"{k}", esc(fmt(v) if not isinstance(v, (dict, list)) else _json_short(v)))
+                     for k, v in sorted(params.items())]
+    method_pairs += [(k, esc(fmt(v) if not isinstance(v, (dict, list)) else _json_short(v)))
+                     for k, v in sorted(method.items()) if k not in ("name", "params")]
+    bundle_pairs = [
+        ("bundle id", f"<code>{esc(m.get('bundle_id', ''))}</code>"),
+        ("created", esc(m.get("created_at", ""))),
+        ("data", f"<code>{esc((m.get('data') or {}).get('path', ''))}</code>" if m.get("data") else ""),
+        ("schema", esc(m.get("schema_version", ""))),
+    ]
+    return ("<div style='display:flex;gap:3em;flex-wrap:wrap'>"
+            f"<div><h2>Model</h2>{_info_dl(model_pairs)}</div>"
+            f"<div><h2>Method</h2>{_info_dl(method_pairs)}</div>"
+            f"<div><h2>Bundle</h2>{_info_dl(bundle_pairs)}</div></div>")
+
+
+def _split(metrics: dict, name: str) -> dict:
+    v = metrics.get(name)
+    return v if isinstance(v, dict) else {}
+
+
+def render_index(bundle: Bundle, order: list[tuple[int, dict]]) -> str:
+    m = bundle.manifest
+    n_flagged = sum(1 for _, info in order if info.get("flags"))
+    fids = [f for f in (held_out_fidelity(info) for _, info in order) if f is not None]
+    optional = [k for k in INDEX_OPTIONAL
+                if any(_is_num(_split(info.get("metrics") or {}, "held_out").get(k)) for _, info in order)]
+    has_stitched = any(isinstance((info.get("metrics") or {}).get("stitched"), dict) for _, info in order)
+    parts = [f"<h1>conceptlens evaluation report</h1>",
+             f"<p>{len(order)} classes, <b>{n_flagged} flagged</b>"
+             + (f"; held-out ICE fidelity median {fmt(float(np.median(fids)))}, "
+                f"mean {fmt(float(np.mean(fids)))}" if fids else "") + ".</p>",
+             _header_html(bundle),
+             "<h2>Classes, by held-out ICE fidelity (lower is better)</h2>",
+             "<table class=classes><tr><th>#</th><th class=l>class</th><th>id</th><th class=l>method</th>"
+             "<th>k</th><th>images<br><span class=small>train / held-out</span></th>"
+             "<th>ICE fidelity<br><span class=small>held-out ↓</span></th>"
+             "<th>top-1 agreement<br><span class=small>held-out ↑</span></th>"
+             "<th>recon. error<br><span class=small>held-out ↓</span></th>"]
+    for k in optional:
+        label, hint = METRIC_LABELS.get(k, (k, ""))
+        arrow = " ↓" if hint.startswith("lower") else " ↑" if hint.startswith("higher") else ""
+        parts.append(f"<th>{esc(k)}<br><span class=small>held-out{arrow}</span></th>")
+    if has_stitched:
+        parts.append("<th>stitched test</th>")
+    parts.append("<th class=l>flags</th></tr>")
+    for rank, (cid, info) in enumerate(order, 1):
+        metrics = info.get("metrics") or {}
+        ho = _split(metrics, "held_out")
+        flags = list(info.get("flags") or [])
+        name = info.get("name", str(cid))
+        images = info.get("images")
+        held = info.get("held_out_images")
+        train_n = images - held if _is_num(images) and _is_num(held) else images
+        cells = [f"<td>{rank}</td>",
+                 f"<td class=l>{'⚑ ' if flags else ''}<a href='class-{cid}.html'>{esc(name)}</a></td>",
+                 f"<td>{cid}</td><td class=l>{esc(info.get('method', ''))}</td><td>{esc(fmt(info.get('k')))}</td>",
+                 f"<td>{esc(fmt(train_n))} / {esc(fmt(held))}</td>",
+                 f"<td>{esc(fmt(ho.get('ice_fidelity')))}</td>",
+                 f"<td>{esc(fmt(ho.get('top1_agreement')))}</td>",
+                 f"<td>{esc(fmt(ho.get('recon_error')))}</td>"]
+        cells += [f"<td>{esc(fmt(ho.get(k)))}</td>" for k in optional]
+        if has_stitched:
+            st = metrics.get("stitched")
+            cells.append(f"<td>{_pass_html(st.get('pass')) if isinstance(st, dict) else '—'}</td>")
+        cells.append(f"<td class=l>{_flags_html(flags)}</td>")
+        parts.append(f"<tr class='{'flagged' if flags else ''}'>{''.join(cells)}</tr>")
+    parts.append("</table>")
+    parts.append(_footer(bundle))
+    return _page(f"conceptlens report — {m.get('model', {}).get('name', '')}", "\n".join(parts))
+
+
+def _footer(bundle: Bundle) -> str:
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return (f"<p class='muted small'>Written by <code>conceptlens report</code> at {esc(now)} from bundle "
+            f"<code>{esc(bundle.manifest.get('bundle_id', ''))}</code>.</p>")
+
+
+def _pass_html(v: Any) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "<span class=pass>pass</span>" if v else "<span class=fail>FAIL</span>"
+    return esc(fmt(v))
+
+
+def _metrics_table(metrics: dict) -> str:
+    splits = [s for s in SPLITS if _split(metrics, s)]
+    splits += [s for s, v in metrics.items()  # any other split-like dict of scalars (e.g. a fold)
+               if s not in splits and s not in ("stitched", "shift") and isinstance(v, dict) and v
+               and all(_is_num(x) or isinstance(x, (list, bool)) for x in v.values())]
+    if not splits:
+        return "<p class=muted>no metrics recorded</p>"
+    keys: list[str] = []
+    for s in splits:
+        for k, v in _split(metrics, s).items():
+            if k not in keys and not isinstance(v, (list, dict)):
+                keys.append(k)
+    keys.sort(key=lambda k: (METRIC_ORDER.index(k) if k in METRIC_ORDER else len(METRIC_ORDER), k))
+    rows = ["<table class=metrics><tr><th class=l>metric</th>"
+            + "".join(f"<th>{esc(SPLIT_TITLES.get(s, s))}</th>" for s in splits) + "<th class=l></th></tr>"]
+    for k in keys:
+        label, hint = METRIC_LABELS.get(k, (k, ""))
+        rows.append(f"<tr><td class=l>{esc(label)} <code class=small>{esc(k)}</code></td>"
+                    + "".join(f"<td>{esc(fmt(_split(metrics, s).get(k)))}</td>" for s in splits)
+                    + f"<td class='l muted small'>{esc(hint)}</td></tr>")
+    # other list-valued entries that are neither plotted nor per-concept
+    for s in splits:
+        for k, v in _split(metrics, s).items():
+            if isinstance(v, (list, dict)) and k not in CURVES and k != "importance":
+                rows.append(f"<tr><td class=l><code class=small>{esc(k)}</code> ({esc(SPLIT_TITLES.get(s, s))})</td>"
+                            f"<td class=l colspan={len(splits) + 1}><code class=small>{esc(_json_short(v))}</code></td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _curves_html(metrics: dict) -> str:
+    series = []
+    for s in SPLITS:
+        split = _split(metrics, s)
+        for key, (label, color) in CURVES.items():
+            vals = split.get(key)
+            if isinstance(vals, list) and vals:
+                series.append(Series(f"{label} ({SPLIT_TITLES[s]})", vals, color, dashed=(s != "held_out")))
+    if not series:
+        return ""
+    plot = svg_line_plot(series, x_label="top concepts removed (deletion) / inserted (insertion)",
+                         y_label="accuracy", title="concept deletion and insertion curves")
+    return ("<h2>Deletion and insertion curves</h2>"
+            "<p class='small muted'>Accuracy after removing (deletion) or keeping only (insertion) the "
+            "top-i concepts by importance, i = 0…k. A faithful basis drops fast under deletion and "
+            "rises fast under insertion.</p>"
+            f"<div class=plots>{plot}</div>")
+
+
+def _kv_table(d: dict, skip: Iterable[str] = ()) -> str:
+    rows = []
+    for k, v in d.items():
+        if k in skip:
+            continue
+        if isinstance(v, (bool, np.bool_)) and ("pass" in k):
+            val = _pass_html(v)
+        elif isinstance(v, (dict, list)):
+            val = f"<code class=small>{esc(_json_short(v, 400))}</code>"
+        else:
+            val = esc(fmt(v))
+        rows.append(f"<tr><td class=l>{esc(k)}</td><td class=l>{val}</td></tr>")
+    return f"<table>{''.join(rows)}</table>" if rows else ""
+
+
+def _stitched_html(st: Any, class_name: str) -> str:
+    if not isinstance(st, dict):
+        return ""
+    verdict = _pass_html(st.get("pass")) if "pass" in st else ""
+    pred = ""
+    if "predicted" in st or "predicted_name" in st:
+        pred = (f" — the stitched image is predicted as <b>{esc(st.get('predicted_name', ''))}</b>"
+                f" ({esc(fmt(st.get('predicted')))})"
+                + (f" with probability {esc(fmt(st.get('probability')))}" if "probability" in st else ""))
+    excl = ""
+    if "pass_excluding_class" in st:
+        excl = (f"<br>Without crops from images predicted as {esc(class_name)}: "
+                f"{_pass_html(st.get('pass_excluding_class'))}")
+    return ("<h2>Stitched-prototype test</h2>"
+            "<p class='small muted'>The top crop of each concept stitched into one image: does the model "
+            "predict the class from its concepts alone?</p>"
+            f"<p>{verdict}{pred}{excl}</p>{_kv_table(st)}")
+
+
+def _shift_html(sh: Any) -> str:
+    if not isinstance(sh, dict):
+        return ""
+    pairs = sh.get("pairs") if isinstance(sh.get("pairs"), list) else []
+    parts = ["<h2>Hyperplane shifting test</h2>",
+             "<p class='small muted'>Activations shifted along the contrast hyperplane's normal towards "
+             "a target class: the target's probability should rise.</p>"]
+    if pairs:
+        extra = []
+        for p in pairs:
+            for k in (p if isinstance(p, dict) else {}):
+                if k not in ("target", "target_name", "baseline_probability", "max_probability") and k not in extra:
+                    extra.append(k)
+        parts.append("<table><tr><th class=l>target</th><th>id</th><th>baseline probability</th>"
+                     "<th>max probability</th><th>change</th>"
+                     + "".join(f"<th>{esc(k)}</th>" for k in extra) + "</tr>")
+        for p in pairs:
+            if not isinstance(p, dict):
+                continue
+            b, mx = _float_or_none(p.get("baseline_probability")), _float_or_none(p.get("max_probability"))
+            change = f"{mx - b:+.3f}" if b is not None and mx is not None else "—"
+            parts.append(f"<tr><td class=l>{esc(p.get('target_name', ''))}</td><td>{esc(fmt(p.get('target')))}</td>"
+                         f"<td>{esc(fmt(p.get('baseline_probability')))}</td><td>{esc(fmt(p.get('max_probability')))}</td>"
+                         f"<td>{esc(change)}</td>"
+                         + "".join(f"<td>{_pass_html(p.get(k)) if isinstance(p.get(k), bool) else esc(fmt(p.get(k)))}</td>"
+                                   for k in extra) + "</tr>")
+        parts.append("</table>")
+    parts.append(_kv_table(sh, skip=("pairs",)))
+    return "".join(parts)
+
+
+class _ClassRenderer:
+    def __init__(self, bundle: Bundle, out: Path):
+        self.bundle, self.out = bundle, out
+
+    def _img_dir(self, cid: int) -> Path:
+        d = self.out / "img" / str(cid)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def concepts_html(self, cid: int, info: dict) -> str:
+        cc = self.bundle.classes.get(cid)
+        if cc is None:
+            return "<p class=muted>no concepts for this class in concepts.safetensors</p>"
+        importance = _split(cc.metrics, "held_out").get("importance")
+        if not (isinstance(importance, list) and len(importance) == cc.k):
+            importance = None
+        top_w = max([abs(float(w)) for w in cc.weights] + [1e-12])
+        parts = ["<table class=concepts><tr><th>concept</th><th>weight</th><th class=l></th>"
+                 + ("<th>importance<br><span class=small>held-out</span></th>" if importance else "")
+                 + "<th class=l>prototype crops (cosine score)</th></tr>"]
+        for j in range(cc.k):
+            w = float(cc.weights[j])
+            bar = (f"<span class='bar {'pos' if w >= 0 else 'neg'}' "
+                   f"style='width:{int(round(100 * abs(w) / top_w))}px'></span>")
+            figs = []
+            refs = cc.prototypes[j] if j < len(cc.prototypes) else []
+            for r, ref in enumerate(refs):
+                src = _inside(self.bundle.root, ref.file)
+                tip = esc(f"{ref.source} box {tuple(ref.box)} score {ref.score:.3f}")
+                if src is None or not _check_image(src):
+                    figs.append(f"<figure><span class='muted small' title='{tip}'>missing crop</span></figure>")
+                    continue
+                ext = src.suffix.lower() if src.suffix.lower() in (".jpg", ".jpeg", ".png") else ".jpg"
+                dst = self._img_dir(cid) / f"p{j}_{r}{ext}"
+                shutil.copyfile(src, dst)
+                rel = dst.relative_to(self.out).as_posix()
+                figs.append(f"<figure><a href='{esc(rel)}'><img src='{esc(rel)}' alt='concept {j} prototype {r}' "
+                            f"title='{tip}'></a><figcaption>{ref.score:.2f}</figcaption></figure>")
+            imp = f"<td>{esc(fmt(importance[j]))}</td>" if importance else ""
+            parts.append(f"<tr><td>{j}</td><td>{w:.4f}</td><td class=l>{bar}</td>{imp}"
+                         f"<td class='l protos'>{''.join(figs) or '<span class=muted>none</span>'}</td></tr>")
+        parts.append("</table>")
+        return "".join(parts)
+
+    def examples_html(self, cid: int) -> str:
+        b = self.bundle
+        codes = b.tensors.get(f"examples/{cid}/codes")
+        paths = _example_images(b, cid)
+        if codes is None and not paths:
+            return ""
+        crop = int(b.preprocessing.crop)
+        size = min(crop, 224)
+        cc = b.classes.get(cid)
+        if codes is not None:
+            codes = np.asarray(codes, np.float32)
+            if codes.ndim != 4:
+                return f"<h2>Examples</h2><p class=muted>examples/{cid}/codes has shape {codes.shape}, expected (n, k, H, W)</p>"
+            codes = np.maximum(codes, 0.0)
+            vmax = codes.max(axis=(0, 2, 3))  # one scale per concept, shared by all examples
+        parts = ["<h2>Examples</h2>",
+                 "<p class='small muted'>Each concept's code map over the image the model saw "
+                 f"({crop}×{crop}), upsampled; one color scale per concept across these examples "
+                 "(transparent at 0, opaque yellow at the concept's largest code). Under each map: the "
+                 "concept's presence s (mean code) and contribution c = s·w.</p>",
+                 "<table class=examples><tr><th>example</th>"]
+        k = codes.shape[1] if codes is not None else 0
+        parts.append("".join(f"<th>concept {j}</th>" for j in range(k)) + "</tr>")
+        d = self._img_dir(cid)
+        for i, path in enumerate(paths):
+            base = None
+            if path is not None:
+                try:
+                    with Image.open(path) as im:
+                        base = im.convert("RGB")
+                except Exception:
+                    base = None
+            cells = []
+            if base is not None:
+                shown = base if base.size == (size, size) else base.resize((size, size), Image.BILINEAR)
+                dst = d / f"ex{i}.jpg"
+                shown.save(dst, format="JPEG", quality=88)
+                rel = dst.relative_to(self.out).as_posix()
+                cells.append(f"<td><figure><a href='{esc(rel)}'><img src='{esc(rel)}' alt='example {i}'></a>"
+                             f"<figcaption>#{i}</figcaption></figure></td>")
+            else:
+                cells.append(f"<td class=muted>#{i}<br>(no image)</td>")
+            for j in range(k):
+                grid = codes[i, j]
+                dst = d / f"ex{i}_c{j}.jpg"
+                render_overlay(base, grid, float(vmax[j]), size).save(dst, format="JPEG", quality=85)
+                rel = dst.relative_to(self.out).as_posix()
+                s = float(grid.mean())
+                cap = f"s {s:.3f}"
+                if cc is not None and j < cc.k:
+                    cap += f", c {s * float(cc.weights[j]):.3f}"
+                cells.append(f"<td><figure><a href='{esc(rel)}'><img src='{esc(rel)}' alt='example {i} concept {j}'>"
+                             f"</a><figcaption>{esc(cap)}</figcaption></figure></td>")
+            parts.append(f"<tr>{''.join(cells)}</tr>")
+        parts.append("</table>")
+        return "".join(parts)
+
+    def page(self, cid: int, info: dict, prev: tuple[int, dict] | None, nxt: tuple[int, dict] | None,
+             rank: int, total: int) -> str:
+        name = info.get("name", str(cid))
+        flags = list(info.get("flags") or [])
+        metrics = info.get("metrics") or {}
+        nav = ["<a href='index.html'>← all classes</a>"]
+        if prev:
+            nav.append(f"<a href='class-{prev[0]}.html'>‹ {esc(prev[1].get('name', prev[0]))}</a>")
+        if nxt:
+            nav.append(f"<a href='class-{nxt[0]}.html'>{esc(nxt[1].get('name', nxt[0]))} ›</a>")
+        parts = [f"<nav>{''.join(nav)}</nav>",
+                 f"<h1>{esc(name)} <span class=muted>(class {cid})</span></h1>",
+                 f"<p>Rank {rank} of {total} by held-out ICE fidelity. Method <b>{esc(info.get('method', ''))}</b>, "
+                 f"k = {esc(fmt(info.get('k')))}; images {esc(fmt(info.get('images')))} "
+                 f"(held out {esc(fmt(info.get('held_out_images')))}"
+                 + (f", seen {esc(fmt(info.get('images_seen')))}" if "images_seen" in info else "") + ").</p>"]
+        if flags:
+            parts.append(f"<div class=warn><b>Flagged:</b> {_flags_html(flags)} — this class's explanations "
+                         "did not pass the evaluation; the service reports these flags with them.</div>")
+        parts.append("<h2>Metrics</h2>" + _metrics_table(metrics))
+        parts.append(_curves_html(metrics))
+        parts.append(_stitched_html(metrics.get("stitched"), name))
+        parts.append(_shift_html(metrics.get("shift")))
+        parts.append("<h2>Concepts</h2>"
+                     "<p class='small muted'>Weight: the change of the class logit per unit of the concept's "
+                     "presence. Prototypes: the dataset crops whose mean activation is closest to the concept "
+                     "direction.</p>" + self.concepts_html(cid, info))
+        parts.append(self.examples_html(cid))
+        other = {k: v for k, v in metrics.items() if k not in ("stitched", "shift") and k not in SPLITS
+                 and not (isinstance(v, dict) and v and all(_is_num(x) or isinstance(x, (list, bool)) for x in v.values()))}
+        if other:
+            parts.append("<h2>Other evaluation results</h2>" + _kv_table(other))
+        parts.append(_footer(self.bundle))
+        return _page(f"{name} — conceptlens report", "\n".join(p for p in parts if p))
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+
+def default_out_dir(bundle_dir: str | os.PathLike) -> Path:
+    """``<parent>/<bundle name>-report``, next to the bundle (demo-out/bundle -> demo-out/bundle-report)."""
+    b = Path(bundle_dir).resolve()
+    return b.parent / f"{b.name}-report"
+
+
+def render_report(bundle: Bundle, out: Path) -> None:
+    """Write the report of a loaded bundle into the (empty) directory ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "style.css").write_text(CSS, encoding="utf-8")
+    order = sort_classes(bundle.manifest.get("classes", {}))
+    (out / "index.html").write_text(render_index(bundle, order), encoding="utf-8")
+    r = _ClassRenderer(bundle, out)
+    for i, (cid, info) in enumerate(order):
+        prev = order[i - 1] if i > 0 else None
+        nxt = order[i + 1] if i + 1 < len(order) else None
+        (out / f"class-{cid}.html").write_text(r.page(cid, info, prev, nxt, i + 1, len(order)), encoding="utf-8")
+    (out / MARKER).write_text(json.dumps({"bundle_id": bundle.manifest.get("bundle_id"),
+                                          "bundle": str(bundle.root.resolve())}) + "\n")
+
+
+def _check_destination(bundle_root: Path, out: Path) -> None:
+    b, o = bundle_root.resolve(), out.resolve()
+    if o == b or b.is_relative_to(o) or o.is_relative_to(b):
+        raise ReportError(f"report directory {out} must be outside the bundle {bundle_root} (and not contain it)")
+    if o.exists():
+        if not o.is_dir():
+            raise ReportError(f"{out} exists and is not a directory")
+        if any(o.iterdir()) and not (o / MARKER).is_file():
+            raise ReportError(f"refusing to replace {out}: it is not empty and is not a conceptlens report "
+                              f"(no {MARKER} in it)")
+
+
+def write_report(bundle_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 verify: bool = True) -> Path:
+    """Load the bundle at ``bundle_dir`` and publish its report at ``out`` (default:
+    :func:`default_out_dir`); returns the report directory.
+
+    Raises BundleError for a missing or corrupt bundle, ReportError for a bad destination.
+    The report is written into a temporary sibling of ``out`` and renamed into place; an older
+    report at ``out`` is moved aside first and removed after.
+    """
+    bundle_dir = Path(bundle_dir)
+    try:
+        bundle = load_bundle(bundle_dir, verify=verify)
+    except BundleError:
+        raise
+    except (KeyError, ValueError, TypeError, OSError) as e:
+        raise BundleError(f"bundle {bundle_dir} is incomplete or malformed: {type(e).__name__}: {e}") from e
+    out = Path(out) if out is not None else default_out_dir(bundle_dir)
+    _check_destination(bundle_dir, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        try:
+            render_report(bundle, tmp)
+        except (KeyError, ValueError, TypeError) as e:
+            raise BundleError(f"bundle {bundle_dir} has malformed content: {type(e).__name__}: {e}") from e
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a report is meant to be served and shared
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
