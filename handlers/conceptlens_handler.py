@@ -13,9 +13,15 @@ options, as JSON (``json_format.MessageToDict`` with proto field names; bytes as
 A TorchServe batch holds requests of different clients. Each request's own options (classes, top k,
 contrast, max concepts, heatmaps, prototypes, predictions) are honoured; one forward pass runs for
 the whole batch. A request that cannot be served (bad image, bad options, unknown class) gets its
-own error status and JSON body ``{"code", "type", "message"}``; the others in the batch are answered
-and the worker keeps serving. See ``ts_requests`` for the three request kinds (explain, features,
-describe) and how inputs are sent over REST and gRPC.
+own error status (400, 404; 500 with a log reference) and JSON body ``{"code", "type", "message"}``;
+the others in the batch are answered and the worker keeps serving. Over REST the status is the
+HTTP status; TorchServe 0.12's gRPC ``Predictions`` drops a handler's per-request status, so there
+the call is OK and the answer is that JSON body (check for ``"code"``). See ``ts_requests`` for the
+three request kinds (explain, features, describe) and how inputs are sent over REST and gRPC:
+
+    curl -H 'X-Conceptlens-Options: {"top_k": 2, "heatmap_format": "HEATMAP_FORMAT_RAW"}' \
+         -H 'Content-Type: application/octet-stream' --data-binary @cat.jpg \
+         http://127.0.0.1:8080/predictions/conceptlens
 
 Settings, from the ``handler:`` section of the archive's model-config.yaml:
 ``device`` (auto | cpu | cuda), ``intra_op_threads``, ``inter_op_threads``, ``default_prototypes``,
@@ -153,7 +159,8 @@ class ConceptLensHandler:
             ref = uuid.uuid4().hex[:12]
             log.error("conceptlens handler: internal error (ref %s)", ref, exc_info=exc)
             code, message = 500, f"internal error (ref {ref}); the model log has the details"
-        context.set_response_status(code, message, i)
+        phrase = " ".join(message.split())[:200].encode("ascii", "replace").decode()  # one HTTP reason line
+        context.set_response_status(code, phrase, i)
         context.set_response_content_type(i, JSON)
         return error_body(code, message)
 

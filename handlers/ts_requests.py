@@ -32,7 +32,7 @@ from google.protobuf import json_format
 
 from ..v1 import explain_service_pb2 as pb
 
-MAX_TENSOR_ROWS = 256
+MAX_TENSOR_ROWS = 64  # images per feature request (the service sends its batches, 8 by default)
 
 
 class RequestError(ValueError):

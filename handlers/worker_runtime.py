@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 import numpy as np
 
@@ -65,7 +64,6 @@ class WorkerOnnxRuntime:
         self.input_name = self.session.get_inputs()[0].name
         dim0 = self.session.get_inputs()[0].shape[0]
         self.max_batch_size = dim0 if isinstance(dim0, int) and dim0 > 0 else None
-        self._lock = threading.Lock()
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """batch (N, 3, S, S) float32 -> (features (N, C, H, W) float32, logits (N, K) float32)."""

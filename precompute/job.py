@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # Fields that change what is learned; the rest (paths, shard, device, batch size) do not.
 _HASHED = ("model", "weights", "layer", "data", "group_by", "method", "concepts", "min_images", "max_images",
            "held_out", "prototypes", "prototype_cells", "prototypes_exclude_class", "classes", "seed",
-           "nmf_max_iter", "nmf_tol", "method_params")
+           "nmf_max_iter", "nmf_tol", "method_params", "stability_folds", "contrast_samples", "examples")
 
 
 class JobError(ValueError):
@@ -64,6 +64,9 @@ class PrecomputeConfig:
     seed: int = 0
     nmf_max_iter: int = 200
     nmf_tol: float = 1e-4
+    stability_folds: int = 3
+    contrast_samples: int = 512
+    examples: int = 2
     batch_size: int = 32
     device: str = "auto"
     shard: tuple[int, int] = (0, 1)
@@ -303,7 +306,7 @@ class Job:
         progress = Progress("learn classes", total=len(todo), every=0)
         for cls in todo:
             t0 = time.perf_counter()
-            self._learn_class(cls, records[cls], pool, totals["seen"].get(cls, len(records[cls])))
+            self._learn_class(cls, records, pool, totals["seen"].get(cls, len(records[cls])))
             progress.update(1, extra=f"class {cls} ({self.model.class_names[cls]}) in "
                                      f"{time.perf_counter() - t0:.1f} s")
         return todo
@@ -328,26 +331,65 @@ class Job:
                 return m.head(torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(dev)).cpu().numpy()
         return None, None, head_fn
 
-    def _learn_class(self, cls: int, recs: list[Record], pool: CropPool, seen: int) -> None:
+    def _forward(self):
+        if getattr(self, "_fwd", None) is None:
+            self._fwd = self.onnx_forward()
+        return self._fwd
+
+    def _learn_class(self, cls: int, all_records: dict[int, list[Record]], pool: CropPool, seen: int) -> None:
+        from ..service.preprocess import normalize
+        from .checks import (attribution_pixels, concept_curves, most_confused, served_codes, stability,
+                             stitched_test)
         from .fit import fit_basis
 
         cfg = self.cfg
+        recs = all_records[cls]
         rng = np.random.default_rng(cfg.seed + cls)
         order = rng.permutation(len(recs))
         n_held = int(round(len(recs) * cfg.held_out)) if len(recs) >= 5 else 0
         held, train = order[:n_held], order[n_held:]
         feats = np.stack([r.features for r in recs]).astype(np.float32)  # (N, C, H, W)
         hw, hb, hfn = self._head()
-        basis = fit_basis(cfg.method, feats[train], k=cfg.concepts, class_id=cls, head_weight=hw, head_bias=hb,
-                          head_fn=hfn, seed=cfg.seed, device=_device(cfg.device), max_iter=cfg.nmf_max_iter,
-                          tol=cfg.nmf_tol, params=cfg.method_params)
+
+        def fit(f: np.ndarray) -> np.ndarray:
+            return fit_basis(cfg.method, f, k=cfg.concepts, class_id=cls, head_weight=hw, head_bias=hb,
+                             head_fn=hfn, seed=cfg.seed, device=_device(cfg.device), max_iter=cfg.nmf_max_iter,
+                             tol=cfg.nmf_tol, params=cfg.method_params)
+
+        basis = fit(feats[train])
         weights = concept_weights(basis, cls, hw, hfn, feats[train])
         explainer = single_class_explainer(self.model.class_names, cls, basis, weights, hw, hb, hfn, cfg.method)
+        eval_feats = feats[held] if n_held else feats[train]
         metrics = {"train": evaluate_class(explainer, cls, feats[train], hw, hb, hfn),
                    "held_out": evaluate_class(explainer, cls, feats[held], hw, hb, hfn)}
+        metrics["held_out" if n_held else "train"].update(concept_curves(explainer, cls, eval_feats, hw, hb, hfn))
+        metrics["stability"] = stability(fit, feats[train], basis, cfg.stability_folds, cfg.seed)
+        pre = self.model.preprocessing
+        metrics["stitched"] = stitched_test(pool, basis, cls, self._forward(), lambda im: normalize(im, pre),
+                                            pre.crop, self.model.class_names)
         crops = top_crops(pool, basis, cfg.prototypes, exclude_class=cls if cfg.prototypes_exclude_class else None)
         scores = cosine_scores(pool, basis, crops)
         tensors = {"basis": basis.astype(np.float32), "weights": weights.astype(np.float32)}
+        # Contrast data: attribution-filtered pixels of the class (for pairs computed on request) and
+        # the precomputed pair with the class the model confuses it with most.
+        head_for_attr = hw if hw is not None else self.model.head
+        if cfg.contrast_samples > 0:
+            px = attribution_pixels(feats[train], head_for_attr, cls, cfg.contrast_samples, cfg.seed)
+            tensors["samples"] = px.astype(np.float16)
+            logits = evaluate_logits(feats, hw, hb, hfn)
+            other = most_confused(recs, logits, cls, {c for c, r in all_records.items() if len(r) >= 2} - {cls})
+            if other is not None and len(px) >= cfg.concepts:
+                metrics["shift"] = self._contrast_pair(cls, other, px, all_records[other], head_for_attr, hw, hb,
+                                                       hfn, tensors)
+        examples = {}
+        if cfg.examples:
+            ex = held[:cfg.examples] if n_held else train[:cfg.examples]
+            c = served_codes(explainer, cls, feats[ex])  # (n, HW, k)
+            h, w = feats.shape[2:]
+            tensors["examples_codes"] = c.transpose(0, 2, 1).reshape(len(ex), -1, h, w).astype(np.float32)
+            for i, j in enumerate(ex):
+                tensors[f"example/{i}"] = np.frombuffer(recs[j].view_jpeg, dtype=np.uint8)
+                examples[str(i)] = recs[j].key
         protos = []
         for j, idxs in enumerate(crops):
             concept = []
@@ -361,13 +403,40 @@ class Job:
         flags = class_flags(metrics, len(recs), cfg.min_images)
         info = {"config_hash": self.hash, "class_id": cls, "name": self.model.class_names[cls], "k": int(basis.shape[0]),
                 "images": len(recs), "images_seen": seen, "held_out_images": int(n_held), "metrics": metrics,
-                "flags": flags, "method": cfg.method, "prototypes": protos}
+                "flags": flags, "method": cfg.method, "prototypes": protos, "examples": examples}
         from safetensors.numpy import save
 
         atomic_write_bytes(self.class_path(cls), save(tensors, metadata={"info": json.dumps(info)}))
         log.info("class %d (%s): %d images, held-out ICE fidelity %.3f, top-1 agreement %.2f%s", cls, info["name"],
                  len(recs), metrics["held_out"].get("ice_fidelity", float("nan")),
                  metrics["held_out"].get("top1_agreement", float("nan")), f", flags {flags}" if flags else "")
+
+    def _contrast_pair(self, a: int, b: int, px_a: np.ndarray, recs_b: list[Record], head_for_attr, hw, hb, hfn,
+                       tensors: dict) -> dict:
+        """Hyperplane and contrast concepts of "a rather than b" into ``tensors``; the shifting test."""
+        from ..service.contrast import contrast_basis, fit_hyperplane
+        from .checks import attribution_pixels
+        from .learners.contrast import shift_test
+
+        feats_b = np.stack([r.features for r in recs_b]).astype(np.float32)
+        px_b = attribution_pixels(feats_b, head_for_attr, b, self.cfg.contrast_samples, self.cfg.seed)
+        if len(px_b) == 0:
+            return {}
+        normal, offset = fit_hyperplane(px_a.astype(np.float32), px_b.astype(np.float32))
+        basis = contrast_basis(px_a.astype(np.float32), normal, offset, self.cfg.concepts, seed=self.cfg.seed)
+        key = f"contrast/{a}_{b}"
+        tensors[f"{key}/basis"] = np.asarray(basis, np.float32)
+        tensors[f"{key}/normal"] = np.asarray(normal, np.float32)
+        tensors[f"{key}/offset"] = np.asarray([offset], np.float32)
+        import torch
+
+        head = (torch.from_numpy(hw), torch.from_numpy(hb)) if hw is not None else self.model.head
+        base = float(np.mean(softmax_rows(evaluate_logits(feats_b, hw, hb, hfn))[:, a]))
+        best = shift_test(torch.from_numpy(feats_b), torch.from_numpy(np.asarray(normal, np.float32)), offset,
+                          head, a)
+        return {"pairs": [{"target": a, "target_name": self.model.class_names[a], "source": b,
+                           "source_name": self.model.class_names[b], "baseline_probability": base,
+                           "max_probability": float(best)}]}
 
     # ---- stage 3: merge ------------------------------------------------------------------------
     def merge(self, extra_work_dirs: list[Path] = ()) -> Path:
@@ -388,9 +457,26 @@ def concept_weights(basis: np.ndarray, cls: int, head_weight: np.ndarray | None,
     return np.asarray(out, np.float32)
 
 
+def evaluate_logits(feats: np.ndarray, hw, hb, hfn) -> np.ndarray:
+    from .evaluate import logits_of
+
+    return logits_of(feats, hw, hb, hfn)
+
+
+def softmax_rows(z: np.ndarray) -> np.ndarray:
+    from ..service.explain import softmax
+
+    return softmax(z)
+
+
 def class_flags(metrics: dict, images: int, min_images: int) -> list[str]:
     """Evaluation flags the service passes on: reasons not to trust a class's explanation."""
     flags = []
+    if metrics.get("stitched") and metrics["stitched"].get("pass") is False:
+        flags.append("failed_stitched_prototype_test")
+    for pair in (metrics.get("shift") or {}).get("pairs", []):
+        if pair["max_probability"] < 0.5:
+            flags.append("failed_hyperplane_shift_test")
     ho = metrics.get("held_out") or metrics.get("train") or {}
     if ho.get("ice_fidelity", 0.0) > 0.3:
         flags.append("low_fidelity")
@@ -440,8 +526,14 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
         cls = int(info["class_id"])
         tensors[f"basis/{cls}"], tensors[f"weights/{cls}"] = t["basis"], t["weights"]
         for key, val in t.items():
-            if key.startswith("contrast/") or key.startswith("samples/"):
+            if key.startswith("contrast/"):
                 tensors[key] = val
+        if "samples" in t:
+            tensors[f"samples/{cls}"] = t["samples"]
+        if "examples_codes" in t:
+            tensors[f"examples/{cls}/codes"] = t["examples_codes"]
+            for i in range(len(t["examples_codes"])):
+                jpegs[f"examples/{cls}/{i}.jpg"] = t[f"example/{i}"].tobytes()
         protos = []
         for j, concept in enumerate(info["prototypes"]):
             refs = []

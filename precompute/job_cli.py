@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nmf-max-iter", type=int, default=200)
     p.add_argument("--nmf-tol", type=float, default=1e-4)
+    p.add_argument("--face-lambda", type=float, default=1.0, help="FACE's weight of the KL term (--method face)")
+    p.add_argument("--stability-folds", type=int, default=3, help="folds for the stability metric (0: off)")
+    p.add_argument("--contrast-samples", type=int, default=512,
+                   help="attribution-filtered pixels kept per class for contrasts on request (0: no contrasts)")
+    p.add_argument("--examples", type=int, default=2, help="example images with heatmaps per class for the report")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--shard", default="0/1", help="I/N: this process's share (data for extract, classes for learn)")
@@ -46,7 +51,9 @@ def config_from_args(args: argparse.Namespace):
         min_images=args.min_images, max_images=args.max_images, held_out=args.held_out,
         prototypes=args.prototypes, prototype_cells=args.prototype_cells,
         prototypes_exclude_class=args.prototypes_exclude_class, seed=args.seed, nmf_max_iter=args.nmf_max_iter,
-        nmf_tol=args.nmf_tol, batch_size=args.batch_size, device=args.device, shard=parse_shard(args.shard))
+        nmf_tol=args.nmf_tol, stability_folds=args.stability_folds, contrast_samples=args.contrast_samples,
+        examples=args.examples, method_params={"face_lambda": args.face_lambda} if args.method == "face" else {},
+        batch_size=args.batch_size, device=args.device, shard=parse_shard(args.shard))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -55,7 +55,7 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "recon_error": ("reconstruction error (relative L2)", "lower is better"),
     "c_del": ("concept deletion (C-Del)", "lower is better"),
     "c_ins": ("concept insertion (C-Ins)", "higher is better"),
-    "gini": ("Gini sparsity of the concept importances", ""),
+    "gini": ("Gini sparsity", ""),
     "sparsity": ("sparsity", ""),
     "stability": ("stability across folds", "higher is better"),
     "identity_max_error": ("max error of the logit identity", "lower is better"),
@@ -64,10 +64,11 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
 METRIC_ORDER = list(METRIC_LABELS)
 CURVES = {"deletion_curve": ("deletion", "#c0392b"), "insertion_curve": ("insertion", "#2471a3")}
 # Columns of the index beyond the fixed ones, shown when any class has them (held-out split).
-INDEX_OPTIONAL = ["accuracy_reconstructed", "c_del", "c_ins", "gini", "stability"]
+INDEX_OPTIONAL = {"accuracy_reconstructed": "accuracy<br>recon.", "c_del": "C-Del", "c_ins": "C-Ins",
+                  "gini": "Gini", "stability": "stability"}
 
 CSS = """\
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1200px;
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1400px;
 padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
 a{color:#1a5fb4}code{background:#f4f4f4;padding:0 .25em}
@@ -87,7 +88,8 @@ dl.info dt{color:#555}dl.info dd{margin:0}
 .examples img{width:112px;height:112px;border:1px solid #ccc;display:block}
 figcaption{font-size:.75em;color:#555}
 .bar{display:inline-block;height:10px;vertical-align:middle}.pos{background:#3a7}.neg{background:#c44}
-.plots svg{margin-right:1em;border:1px solid #eee}
+.plots svg{margin-right:1em;border:1px solid #eee;max-width:100%;height:auto}
+.scroll{overflow-x:auto}table.classes td{white-space:nowrap}table.classes td.flags{white-space:normal;min-width:12em}table.classes th{font-size:.9em}
 nav{margin:.4em 0 1em}nav a{margin-right:1em}
 """
 
@@ -183,7 +185,7 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
-def svg_line_plot(series: Sequence[Series], *, width: int = 440, height: int = 280, x_label: str = "",
+def svg_line_plot(series: Sequence[Series], *, width: int = 520, height: int = 320, x_label: str = "",
                   y_label: str = "", title: str = "", y_range: tuple[float, float] | None = None) -> str:
     """An inline SVG line plot of ``series`` (point i at x = i), no scripts, no external refs.
 
@@ -191,7 +193,16 @@ def svg_line_plot(series: Sequence[Series], *, width: int = 440, height: int = 2
     else the data's range padded by 5%. Non-finite values break a line. Each point carries a
     <title> tooltip with its value.
     """
-    left, right, top, bottom = 54, 14, 30, 44
+    left, right, bottom = 54, 14, 44
+    # legend rows in the top margin: entries left to right, wrapped at the plot's width
+    legend, lx, row = [], left, 0
+    for s in series:
+        item_w = 30 + 6.2 * len(s.label)
+        if lx > left and lx + item_w > width - right:
+            lx, row = left, row + 1
+        legend.append((s, lx, row))
+        lx += item_w
+    top = 18 + 16 * (row + 1) if series else 18
     pw, ph = width - left - right, height - top - bottom
     finite = [float(v) for s in series for v in s.values if _is_num(v) and math.isfinite(float(v))]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -259,14 +270,12 @@ def svg_line_plot(series: Sequence[Series], *, width: int = 440, height: int = 2
         for i, v, x, y in points:
             out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.6" fill="{esc(s.color)}">'
                        f"<title>{esc(s.label)}: {i} → {fmt(v)}</title></circle>")
-    # legend in the top margin
-    lx = left
-    for s in series:
+    for s, lx, row in legend:
         dash = ' stroke-dasharray="5 3"' if s.dashed else ""
-        out.append(f'<line x1="{lx}" y1="{top - 12}" x2="{lx + 18}" y2="{top - 12}" stroke="{esc(s.color)}" '
+        y = 14 + 16 * row
+        out.append(f'<line x1="{lx:.1f}" y1="{y}" x2="{lx + 18:.1f}" y2="{y}" stroke="{esc(s.color)}" '
                    f'stroke-width="2"{dash}/>')
-        out.append(f'<text x="{lx + 22}" y="{top - 8}" fill="#222">{esc(s.label)}</text>')
-        lx += 30 + 6.5 * len(s.label)
+        out.append(f'<text x="{lx + 22:.1f}" y="{y + 4}" fill="#222">{esc(s.label)}</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -347,6 +356,14 @@ def _json_short(v: Any, limit: int = 200) -> str:
     return s if len(s) <= limit else s[:limit] + "…"
 
 
+def _preprocessing_text(p: dict) -> str:
+    try:
+        return (f"resize {p['resize']}, center crop {p['crop']}, mean {'/'.join(fmt(v) for v in p['mean'])}, "
+                f"std {'/'.join(fmt(v) for v in p['std'])}")
+    except (KeyError, TypeError):
+        return _json_short(p)
+
+
 def _header_html(bundle: Bundle) -> str:
     m = bundle.manifest
     model, method = m.get("model", {}), m.get("method", {})
@@ -360,7 +377,7 @@ def _header_html(bundle: Bundle) -> str:
         ("classes in the model", esc(model.get("num_classes", len(bundle.class_names)))),
         ("weights sha256", f"<code>{esc(str(model.get('weights_sha256', ''))[:16])}</code>"
          if model.get("weights_sha256") else ""),
-        ("preprocessing", esc(_json_short(m.get("preprocessing", {})))),
+        ("preprocessing", esc(_preprocessing_text(m.get("preprocessing") or {}))),
     ]
     params = method.get("params") or {}
     method_pairs = [("method", f"<b>{esc(method.get('name', '?'))}</b>")]
@@ -398,18 +415,19 @@ def render_index(bundle: Bundle, order: list[tuple[int, dict]]) -> str:
                 f"mean {fmt(float(np.mean(fids)))}" if fids else "") + ".</p>",
              _header_html(bundle),
              "<h2>Classes, by held-out ICE fidelity (lower is better)</h2>",
-             "<table class=classes><tr><th>#</th><th class=l>class</th><th>id</th><th class=l>method</th>"
+             "<div class=scroll><table class=classes><tr><th>#</th><th class=l>class</th><th class=l>flags</th><th>id</th><th class=l>method</th>"
              "<th>k</th><th>images<br><span class=small>train / held-out</span></th>"
-             "<th>ICE fidelity<br><span class=small>held-out ↓</span></th>"
-             "<th>top-1 agreement<br><span class=small>held-out ↑</span></th>"
-             "<th>recon. error<br><span class=small>held-out ↓</span></th>"]
+             "<th>ICE<br>fidelity<br><span class=small>held-out ↓</span></th>"
+             "<th>top-1<br>agreement<br><span class=small>held-out ↑</span></th>"
+             "<th>recon.<br>error<br><span class=small>held-out ↓</span></th>"]
     for k in optional:
         label, hint = METRIC_LABELS.get(k, (k, ""))
         arrow = " ↓" if hint.startswith("lower") else " ↑" if hint.startswith("higher") else ""
-        parts.append(f"<th>{esc(k)}<br><span class=small>held-out{arrow}</span></th>")
+        parts.append(f"<th title='{esc(label)} ({esc(k)})'>{INDEX_OPTIONAL[k]}<br>"
+                     f"<span class=small>held-out{arrow}</span></th>")
     if has_stitched:
         parts.append("<th>stitched test</th>")
-    parts.append("<th class=l>flags</th></tr>")
+    parts.append("</tr>")
     for rank, (cid, info) in enumerate(order, 1):
         metrics = info.get("metrics") or {}
         ho = _split(metrics, "held_out")
@@ -419,7 +437,8 @@ def render_index(bundle: Bundle, order: list[tuple[int, dict]]) -> str:
         held = info.get("held_out_images")
         train_n = images - held if _is_num(images) and _is_num(held) else images
         cells = [f"<td>{rank}</td>",
-                 f"<td class=l>{'⚑ ' if flags else ''}<a href='class-{cid}.html'>{esc(name)}</a></td>",
+                 f"<td class='l name'>{'⚑ ' if flags else ''}<a href='class-{cid}.html'>{esc(name)}</a></td>",
+                 f"<td class='l flags'>{_flags_html(flags)}</td>",
                  f"<td>{cid}</td><td class=l>{esc(info.get('method', ''))}</td><td>{esc(fmt(info.get('k')))}</td>",
                  f"<td>{esc(fmt(train_n))} / {esc(fmt(held))}</td>",
                  f"<td>{esc(fmt(ho.get('ice_fidelity')))}</td>",
@@ -429,9 +448,8 @@ def render_index(bundle: Bundle, order: list[tuple[int, dict]]) -> str:
         if has_stitched:
             st = metrics.get("stitched")
             cells.append(f"<td>{_pass_html(st.get('pass')) if isinstance(st, dict) else '—'}</td>")
-        cells.append(f"<td class=l>{_flags_html(flags)}</td>")
         parts.append(f"<tr class='{'flagged' if flags else ''}'>{''.join(cells)}</tr>")
-    parts.append("</table>")
+    parts.append("</table></div>")
     parts.append(_footer(bundle))
     return _page(f"conceptlens report — {m.get('model', {}).get('name', '')}", "\n".join(parts))
 
@@ -525,6 +543,11 @@ def _stitched_html(st: Any, class_name: str) -> str:
     if "pass_excluding_class" in st:
         excl = (f"<br>Without crops from images predicted as {esc(class_name)}: "
                 f"{_pass_html(st.get('pass_excluding_class'))}")
+        if "predicted_name_excluding_class" in st or "predicted_excluding_class" in st:
+            excl += (f" — predicted as <b>{esc(st.get('predicted_name_excluding_class', ''))}</b>"
+                     f" ({esc(fmt(st.get('predicted_excluding_class')))})")
+            if "probability_excluding_class" in st:
+                excl += f" with probability {esc(fmt(st.get('probability_excluding_class')))}"
     return ("<h2>Stitched-prototype test</h2>"
             "<p class='small muted'>The top crop of each concept stitched into one image: does the model "
             "predict the class from its concepts alone?</p>"
@@ -537,14 +560,17 @@ def _shift_html(sh: Any) -> str:
     pairs = sh.get("pairs") if isinstance(sh.get("pairs"), list) else []
     parts = ["<h2>Hyperplane shifting test</h2>",
              "<p class='small muted'>Activations shifted along the contrast hyperplane's normal towards "
-             "a target class: the target's probability should rise.</p>"]
+             "the target class: the target's probability should rise from its baseline.</p>"]
     if pairs:
+        known = ("source", "source_name", "target", "target_name", "baseline_probability", "max_probability")
+        has_source = any(isinstance(p, dict) and ("source" in p or "source_name" in p) for p in pairs)
         extra = []
         for p in pairs:
             for k in (p if isinstance(p, dict) else {}):
-                if k not in ("target", "target_name", "baseline_probability", "max_probability") and k not in extra:
+                if k not in known and k not in extra:
                     extra.append(k)
-        parts.append("<table><tr><th class=l>target</th><th>id</th><th>baseline probability</th>"
+        parts.append("<table><tr>" + ("<th class=l>from</th><th>id</th>" if has_source else "")
+                     + "<th class=l>target</th><th>id</th><th>baseline probability</th>"
                      "<th>max probability</th><th>change</th>"
                      + "".join(f"<th>{esc(k)}</th>" for k in extra) + "</tr>")
         for p in pairs:
@@ -552,7 +578,9 @@ def _shift_html(sh: Any) -> str:
                 continue
             b, mx = _float_or_none(p.get("baseline_probability")), _float_or_none(p.get("max_probability"))
             change = f"{mx - b:+.3f}" if b is not None and mx is not None else "—"
-            parts.append(f"<tr><td class=l>{esc(p.get('target_name', ''))}</td><td>{esc(fmt(p.get('target')))}</td>"
+            src = (f"<td class=l>{esc(p.get('source_name', ''))}</td><td>{esc(fmt(p.get('source')))}</td>"
+                   if has_source else "")
+            parts.append(f"<tr>{src}<td class=l>{esc(p.get('target_name', ''))}</td><td>{esc(fmt(p.get('target')))}</td>"
                          f"<td>{esc(fmt(p.get('baseline_probability')))}</td><td>{esc(fmt(p.get('max_probability')))}</td>"
                          f"<td>{esc(change)}</td>"
                          + "".join(f"<td>{_pass_html(p.get(k)) if isinstance(p.get(k), bool) else esc(fmt(p.get(k)))}</td>"

@@ -17,6 +17,8 @@ h(A)_y - h(S P)_y and the bias is what remains: h(S P)_y - sum_j c_j.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -97,7 +99,10 @@ class Explainer:
         if bundle.head_kind != "linear" and head is None:
             raise ValueError("this bundle's head is not linear: pass its head function")
         self._projectors = {cid: NNLSProjector.from_basis(c.basis) for cid, c in bundle.classes.items()}
-        self._contrast_projectors: dict[tuple[int, int], tuple[NNLSProjector, str]] = {}
+        # Bounded: a service that is asked for many pairs keeps the recent ones (LRU).
+        self._contrast_projectors: OrderedDict[tuple[int, int], tuple[NNLSProjector, str]] = OrderedDict()
+        self._contrast_lock = threading.Lock()
+        self.max_contrast_pairs = 256
 
     def projector(self, class_id: int) -> NNLSProjector:
         try:
@@ -112,14 +117,20 @@ class Explainer:
 
     def _contrast_projector(self, a: int, b: int) -> tuple[NNLSProjector, str]:
         key = (a, b)
-        if key not in self._contrast_projectors:
-            found = self.contrast_bases(a, b) if self.contrast_bases else None
-            if found is None:
-                self._contrast_projectors[key] = (self.projector(a), self.bundle.classes[a].method)
-            else:
-                basis, method = found
-                self._contrast_projectors[key] = (NNLSProjector.from_basis(basis), method)
-        return self._contrast_projectors[key]
+        with self._contrast_lock:
+            if key in self._contrast_projectors:
+                self._contrast_projectors.move_to_end(key)
+                return self._contrast_projectors[key]
+        found = self.contrast_bases(a, b) if self.contrast_bases else None  # may compute: outside the lock
+        if found is None:
+            entry = (self.projector(a), self.bundle.classes[a].method)
+        else:
+            entry = (NNLSProjector.from_basis(found[0]), found[1])
+        with self._contrast_lock:
+            self._contrast_projectors[key] = entry
+            while len(self._contrast_projectors) > self.max_contrast_pairs:
+                self._contrast_projectors.popitem(last=False)
+        return entry
 
     def explain(self, features: np.ndarray, logits: np.ndarray, class_id: int,
                 contrast: int | None = None, max_concepts: int | None = None,

@@ -7,6 +7,11 @@ one request per batch, input ``tensor`` = the batch (N, 3, S, S) float32 as ``.n
 answers with features (N, C, H, W) and logits (N, K) as two ``.npy`` arrays back to back. The
 explanations are then computed here, as with ONNX Runtime.
 
+The service batches already, so the TorchServe model it uses is best registered with batch size 1
+(no TorchServe batch delay per request): ``conceptlens torchserve-archive --bundle B --out STORE
+--model-name conceptlens-features --batch-size 1`` and ``--torchserve-model conceptlens-features``;
+``--max-concurrent-batches`` 2 or more overlaps the round trips.
+
 At start the runtime asks the TorchServe model to describe itself (input ``describe``) and
 refuses a model that serves another bundle than the service loaded: features from one model
 explained with another's bases would be silently wrong.
@@ -18,7 +23,6 @@ generated code is needed at run time.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -29,7 +33,6 @@ import numpy as np
 from ..handlers.ts_requests import npy_bytes, read_npys
 from .runtime import RuntimeSetupError
 
-log = logging.getLogger(__name__)
 
 PACKAGE = "org.pytorch.serve.grpc.inference"
 PREDICTIONS = f"/{PACKAGE}.InferenceAPIsService/Predictions"

@@ -44,6 +44,7 @@ from .batcher import BatchQueue, DeadlineExpiredError, QueueFullError
 from .bundle import Bundle, load_bundle
 from .cache import cache_key, make_cache
 from .config import ServerConfig
+from .contrast import ContrastStore
 from .explain import Explainer, top_predictions
 from .html import overlay_png, raw_grid
 from .metrics import Metrics
@@ -56,6 +57,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExplainService"].full_name  # con
 MAX_CLASSES_PER_REQUEST = 32
 HASH_IN_THREAD_BYTES = 256 << 10  # hash larger images off the event loop
 MAX_OVERLAY_SIDE = 1024  # PNG overlays of larger images keep the aspect ratio at this long side
+CONTRAST_PAIRS = 256  # contrast pairs computed on request and kept (LRU)
 
 RAW, PNG = pb.HEATMAP_FORMAT_RAW, pb.HEATMAP_FORMAT_PNG_OVERLAY
 HEATMAP_FORMATS = {pb.HEATMAP_FORMAT_UNSPECIFIED, pb.HEATMAP_FORMAT_NONE, RAW, PNG}
@@ -222,7 +224,10 @@ class ServingModel:
 
     def __init__(self, bundle: Bundle, runtime: Runtime, config: ServerConfig):
         self.bundle, self.runtime, self.config = bundle, runtime, config
-        self.explainer = Explainer(bundle, head=self._head_fn(bundle, config))
+        # "a rather than b": precomputed pairs, or computed on request from the bundle's samples (in
+        # the worker thread that explains, never on the event loop) and then kept
+        self.contrasts = ContrastStore(bundle, max_pairs=CONTRAST_PAIRS)
+        self.explainer = Explainer(bundle, head=self._head_fn(bundle, config), contrast_bases=self.contrasts.get)
         self.names = bundle.class_names
         self.num_classes = len(self.names)
         self.linear = bundle.head_kind == "linear"
@@ -595,6 +600,8 @@ class ExplainServer:
             torchserve_model=cfg.torchserve_model, torchserve_token_file=cfg.torchserve_token_file,
             torchserve_timeout_s=cfg.torchserve_timeout_s)
         model = ServingModel(bundle, runtime, cfg)
+        contrast_seconds = self.metrics.stage_seconds.labels("contrast")
+        model.contrasts.on_compute = lambda a, b, seconds: contrast_seconds.observe(seconds)
         if not cfg.no_warmup:
             t = time.perf_counter()
             model.warmup(min(cfg.max_batch_size, runtime.max_batch_size or cfg.max_batch_size))

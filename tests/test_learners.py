@@ -188,6 +188,15 @@ def test_sweep_lambda_picks_by_heldout_fidelity():
     assert best == 1.0 and rows[1]["val_logit_err"] < rows[0]["val_logit_err"]
 
 
+def test_face_takes_a_model_head_without_touching_it():
+    acts, _ = planted(n_img=10)
+    fc = torch.nn.Linear(64, 3)
+    face = FACE(5, lam=0.5, max_iter=5).fit(acts, fc.weight, fc.bias)
+    assert fc.weight.grad is None and fc.bias.grad is None
+    assert served_metrics(acts, face.components_, fc.weight, fc.bias)["top1"] >= 0
+    assert attribution_map(acts.reshape(10, 4, 4, 64).permute(0, 3, 1, 2), fc.weight, 0).requires_grad is False
+
+
 def test_reference_face_adam_runs_the_reference_rule():
     acts, d = planted(n_img=10)
     w = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import importlib
-import io
 import json
 import os
 import signal
@@ -374,22 +373,29 @@ def test_bad_image_gets_a_clear_error_and_the_worker_keeps_serving(torchserve, t
 
 
 @pytest.mark.slow
-def test_service_on_the_torchserve_runtime_answers_the_same(lite0_store, cifar_bundle, lite0_case, tmp_path):
+def test_service_on_the_torchserve_runtime_answers_the_same(cifar_bundle, lite0_case, tmp_path):
     """Through a TorchServe with token authorization on, as in production."""
     from conceptlens.handlers.ts_process import TorchServeProcess
 
     images, options, expected = lite0_case
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
-    with TorchServeProcess(lite0_store, ["conceptlens.mar"], tmp_path / "ts", token_auth=True) as server:
-        server.wait_ready("conceptlens")
-        status, body = rest(server, images[0])
-        assert status == 400 and body["type"] == "InvalidKeyException", body  # TorchServe's answer without a key
+    # The service batches already: its TorchServe model takes one request at a time, no batch delay.
+    store = tmp_path / "store"
+    build_archive(cifar_bundle, store, "--model-name", "conceptlens-features", "--batch-size", "1")
+    with TorchServeProcess(store, ["conceptlens-features.mar"], tmp_path / "ts", token_auth=True) as server:
+        server.wait_ready("conceptlens-features")
+        req = urllib.request.Request(f"{server.inference_url}/predictions/conceptlens-features", data=images[0],
+                                     headers={"Content-Type": "application/octet-stream"})
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(req, timeout=60)
+        assert "InvalidKeyException" in denied.value.read().decode()  # no key, no answer
         proc = subprocess.Popen(
             [sys.executable, "-m", "conceptlens.service.cli", "serve", "--bundle", str(cifar_bundle),
              "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--cache-size", "0",
              "--runtime", "torchserve", "--torchserve-address", server.grpc_target,
-             "--torchserve-token-file", str(server.key_file), "--max-batch-size", "8"],
+             "--torchserve-model", "conceptlens-features", "--torchserve-token-file", str(server.key_file),
+             "--max-batch-size", "8"],
             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
         try:
             with ExplainClient(f"127.0.0.1:{port}") as c:

@@ -26,11 +26,11 @@ def attribution_map(acts, head_weight: Head, class_id: int, batch_size: int = 25
     acts (N, C, H, W) >= 0. ``head_weight``: the linear layer's W (K, C) of a GAP+linear head (closed
     form), or a callable head mapping features (n, C, H, W) to logits (n, K) (autograd, in batches).
     """
-    a = torch.as_tensor(acts)
+    a = torch.as_tensor(acts).detach()
     if a.ndim != 4:
         raise ValueError(f"expected activations (N, C, H, W), got shape {tuple(a.shape)}")
     if not callable(head_weight):
-        w = torch.as_tensor(head_weight).to(a.device, a.dtype)[class_id]
+        w = torch.as_tensor(head_weight).detach().to(a.device, a.dtype)[class_id]
         hw = a.shape[2] * a.shape[3]
         return torch.einsum("nchw,c->nhw", a, w).div_(a.shape[1] * hw).clamp_(min=0)
     maps = []
@@ -57,7 +57,7 @@ def deeplift_map(images, features: nn.Module, head: nn.Module, class_id: int, ba
     method = LayerDeepLift(model, features)
     if nt_samples:
         method = NoiseTunnel(method)
-    x_all = torch.as_tensor(images)
+    x_all = torch.as_tensor(images).detach()
     maps = []
     for i in range(0, x_all.shape[0], batch_size):
         x = x_all[i:i + batch_size]
@@ -92,7 +92,7 @@ class AttributionNMF(nn.Module):
     def fit(self, acts, head_weight: Head | None, head_bias=None, class_id: int = 0, *, maps=None, images=None,
             features: nn.Module | None = None, head: nn.Module | None = None) -> "AttributionNMF":
         """``head_bias`` is accepted for a uniform learner API; a bias does not change the attribution."""
-        a = torch.as_tensor(acts).to(self.device, self.dtype)
+        a = torch.as_tensor(acts).detach().to(self.device, self.dtype)
         if maps is None:
             if self.method == "deeplift":
                 if images is None or features is None or head is None:
@@ -100,7 +100,7 @@ class AttributionNMF(nn.Module):
                 maps = deeplift_map(images, features, head, class_id)
             else:
                 maps = attribution_map(a, head_weight, class_id)
-        m = torch.as_tensor(maps).to(self.device, self.dtype)
+        m = torch.as_tensor(maps).detach().to(self.device, self.dtype)
         if m.shape != (a.shape[0], a.shape[2], a.shape[3]):
             raise ValueError(f"maps {tuple(m.shape)} do not match activations {tuple(a.shape)}")
         m = m.reshape(-1)

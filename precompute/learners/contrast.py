@@ -29,7 +29,8 @@ def filter_pixels(acts, attributions, frac: float = 0.25) -> torch.Tensor:
 
     Only pixels with positive attribution pass (an image with no positive pixel contributes none).
     """
-    a, m = torch.as_tensor(acts), torch.as_tensor(attributions).to(torch.as_tensor(acts).device)
+    a = torch.as_tensor(acts).detach()
+    m = torch.as_tensor(attributions).detach().to(a.device)
     if a.ndim != 4 or m.shape != (a.shape[0], a.shape[2], a.shape[3]):
         raise ValueError(f"acts {tuple(a.shape)} and attributions {tuple(m.shape)} do not match")
     peak = m.flatten(1).max(dim=1).values.clamp(min=0)
@@ -50,8 +51,8 @@ def fit_hyperplane(pixels_a, pixels_b, method: str = "lbfgs", l2: float = 1e-3, 
     steps, no penalty.
     """
     dev = resolve_device(device)
-    xa = torch.as_tensor(pixels_a).to(dev, torch.float32)
-    xb = torch.as_tensor(pixels_b).to(dev, torch.float32)
+    xa = torch.as_tensor(pixels_a).detach().to(dev, torch.float32)
+    xb = torch.as_tensor(pixels_b).detach().to(dev, torch.float32)
     x = torch.cat([xa, xb])
     y = torch.cat([torch.ones(len(xa), device=dev), torch.zeros(len(xb), device=dev)])
     if method == "sgd":
@@ -93,8 +94,8 @@ def contrast_concepts(pixels_a, normal, offset: float, k: int, seed: int = 0,
     Pixels on B's side (scale 0) are left out.
     """
     dev = resolve_device(device)
-    x = torch.as_tensor(pixels_a).to(dev, torch.float32)
-    z = (x @ torch.as_tensor(normal).to(dev, torch.float32) + offset).clamp(min=0)
+    x = torch.as_tensor(pixels_a).detach().to(dev, torch.float32)
+    z = (x @ torch.as_tensor(normal).detach().to(dev, torch.float32) + offset).clamp(min=0)
     keep = z > 0
     if int(keep.sum()) < k:
         raise ValueError("too few pixels on A's side of the hyperplane for this many concepts")
@@ -105,7 +106,7 @@ def _logits(head: Head, acts: torch.Tensor) -> torch.Tensor:
     if callable(head):
         return head(acts)
     w, b = head
-    return acts.mean(dim=(2, 3)) @ torch.as_tensor(w).to(acts).T + torch.as_tensor(b).to(acts)
+    return acts.mean(dim=(2, 3)) @ torch.as_tensor(w).detach().to(acts).T + torch.as_tensor(b).detach().to(acts)
 
 
 @torch.no_grad()
@@ -115,8 +116,8 @@ def shift_curve(acts, normal, head: Head, target_class: int, offsets: Sequence[f
 
     ``head``: (W (K, C), b (K,)) of a GAP+linear head, or a callable mapping (n, C, H, W) to logits.
     """
-    a = torch.as_tensor(acts)
-    n = torch.as_tensor(normal).to(a)[None, :, None, None]
+    a = torch.as_tensor(acts).detach()
+    n = torch.as_tensor(normal).detach().to(a)[None, :, None, None]
     out = []
     for off in offsets:
         total = 0.0

@@ -58,7 +58,7 @@ class DirectionPairs(nn.Module):
 
     @torch.no_grad()
     def fit(self, x) -> "DirectionPairs":
-        x = torch.as_tensor(x).to(self.device, self.dtype)
+        x = torch.as_tensor(x).detach().to(self.device, self.dtype)
         if x.ndim != 2:
             raise ValueError(f"expected a 2-D (n, C) matrix, got shape {tuple(x.shape)}")
         norm = x.norm(dim=1)
@@ -112,7 +112,7 @@ class DirectionPairs(nn.Module):
     @torch.no_grad()
     def encode(self, x) -> torch.Tensor:
         """Latent factors z (n, k) = X d^T of rows X (n, C) (the decoding directions as filters)."""
-        return torch.as_tensor(x).to(self.device, self.dtype) @ self.decoding_.T
+        return torch.as_tensor(x).detach().to(self.device, self.dtype) @ self.decoding_.T
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

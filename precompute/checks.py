@@ -1,0 +1,162 @@
+"""Faithfulness metrics and tests of a class basis, beyond reconstruction (issue 4).
+
+All of them score the basis through the served projection (the explain core's NNLS codes):
+- concept deletion / insertion (FACE): accuracy on reconstructions with the top-i concepts (by
+  mean contribution) removed / kept; C-Del = sum_i (acc_0 - acc_i) / (k + 1), C-Ins = mean of the
+  insertion curve over i = 1..k; C-Gini of the importances; U-Spr, the share of non-zero codes;
+- stability: mean cosine between the basis and bases fitted on folds, after Hungarian matching;
+- the stitched-prototype test (Herdt & Otero Baguer): each concept's top crop stitched into one
+  image, which the model should classify as the class (a grid rather than the paper's vertical
+  strip, so that the whole stitch fits the model's square input);
+- the hyperplane shifting test: images of the most confused class B moved along the A-vs-B
+  hyperplane's normal, A' = ReLU(A + |o| normal); the largest mean p(A) over the offsets.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from ..service.explain import Explainer, softmax
+from .features import Record
+from .prototypes import CropPool, top_crops
+
+
+def served_codes(explainer: Explainer, cid: int, feats: np.ndarray) -> np.ndarray:
+    """Served codes (N, HW, k) of features (N, C, H, W)."""
+    proj = explainer.projector(cid)
+    n, c, h, w = feats.shape
+    v = feats.reshape(n, c, h * w).transpose(0, 2, 1).reshape(-1, c)
+    return proj.project(v).reshape(n, h * w, -1)
+
+
+def gini(x: np.ndarray) -> float:
+    """Gini coefficient of |x| (0: all equal, towards 1: one dominates)."""
+    a = np.sort(np.abs(np.asarray(x, np.float64)))
+    if a.sum() <= 0:
+        return 0.0
+    n = len(a)
+    return float((2 * np.arange(1, n + 1) - n - 1) @ a / (n * a.sum()))
+
+
+def concept_curves(explainer: Explainer, cid: int, feats: np.ndarray, head_weight, head_bias,
+                   head_fn: Callable | None) -> dict:
+    """Deletion/insertion curves, C-Del, C-Ins, C-Gini, U-Spr and accuracy on reconstructions."""
+    if len(feats) == 0:
+        return {}
+    feats = feats.astype(np.float32)
+    proj = explainer.projector(cid)
+    codes = served_codes(explainer, cid, feats)  # (N, HW, k)
+    n, c, h, w = feats.shape
+    k = codes.shape[2]
+    weights = explainer.bundle.classes[cid].weights
+    importance = (codes.mean(axis=1) * weights).mean(axis=0)  # mean contribution (k,)
+    order = np.argsort(-importance, kind="stable")
+
+    def accuracy(mask: np.ndarray) -> float:
+        masked = codes * mask
+        if head_weight is not None:
+            logits = (masked.mean(axis=1) @ proj.basis) @ head_weight.T + head_bias
+        else:
+            recon = (masked @ proj.basis).transpose(0, 2, 1).reshape(n, c, h, w)
+            logits = head_fn(recon.astype(np.float32))
+        return float((logits.argmax(axis=1) == cid).mean())
+
+    deletion, insertion = [], []
+    for i in range(k + 1):
+        drop = np.ones(k, np.float32)
+        drop[order[:i]] = 0
+        deletion.append(accuracy(drop))
+        insertion.append(accuracy(1 - drop))
+    return {"accuracy_reconstructed": deletion[0], "deletion_curve": deletion, "insertion_curve": insertion,
+            "c_del": float(sum(deletion[0] - a for a in deletion) / (k + 1)),
+            "c_ins": float(np.mean(insertion[1:])), "gini": gini(importance),
+            "sparsity": float((codes > 1e-6 * max(float(codes.max(initial=0)), 1e-12)).mean()),
+            "importance": [float(v) for v in importance]}
+
+
+def matched_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine of rows of a (k, C) and b (k, C) after Hungarian matching."""
+    from scipy.optimize import linear_sum_assignment
+
+    an = a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-12)
+    bn = b / (np.linalg.norm(b, axis=1, keepdims=True) + 1e-12)
+    sim = an @ bn.T
+    r, c = linear_sum_assignment(-sim)
+    return float(sim[r, c].mean())
+
+
+def stability(fit: Callable[[np.ndarray], np.ndarray], feats: np.ndarray, basis: np.ndarray, folds: int,
+              seed: int = 0) -> float | None:
+    """Mean matched cosine between ``basis`` and bases fitted on ``folds`` disjoint subsets of images."""
+    if folds < 2 or len(feats) < 2 * folds:
+        return None
+    idx = np.random.default_rng(seed).permutation(len(feats))
+    return float(np.mean([matched_cosine(basis, fit(feats[part])) for part in np.array_split(idx, folds)]))
+
+
+def stitch(crops: list[bytes], size: int) -> Image.Image:
+    """Crops (JPEG bytes) tiled on a size x size canvas, ceil(sqrt(n)) columns."""
+    cols = max(1, math.ceil(math.sqrt(len(crops))))
+    rows = max(1, math.ceil(len(crops) / cols))
+    cw, ch = size // cols, size // rows
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    for i, data in enumerate(crops):
+        img = Image.open(io.BytesIO(data)).convert("RGB").resize((cw, ch), Image.BILINEAR)
+        canvas.paste(img, ((i % cols) * cw, (i // cols) * ch))
+    return canvas
+
+
+def stitched_test(pool: CropPool, basis: np.ndarray, cid: int, forward, normalize: Callable, size: int,
+                  class_names: list[str]) -> dict:
+    """Model prediction on the stitched top crops, with and without crops of images predicted as ``cid``."""
+    from .prototypes import crop_jpeg
+
+    out = {}
+    for label, exclude in (("", None), ("_excluding_class", cid)):
+        picks = top_crops(pool, basis, 1, exclude_class=exclude)
+        crops = [crop_jpeg(pool.records[pool.image[p[0]]], pool.boxes[p[0]]) for p in picks if p]
+        if not crops:
+            continue
+        x = normalize(stitch(crops, size))[None]
+        _, logits = forward(np.ascontiguousarray(x))
+        probs = softmax(logits[0])
+        pred = int(logits[0].argmax())
+        out[f"pass{label}"] = pred == cid
+        out[f"predicted{label}"] = pred
+        out[f"predicted_name{label}"] = class_names[pred]
+        out[f"probability{label}"] = float(probs[cid])
+    return out
+
+
+def most_confused(records: list[Record], logits: np.ndarray, cid: int, candidates: set[int]) -> int | None:
+    """The class (among ``candidates``) with the most second-place finishes on the class's images."""
+    second = np.argsort(-logits, axis=1)[:, 1]
+    counts = {}
+    for s in second:
+        if int(s) != cid and int(s) in candidates:
+            counts[int(s)] = counts.get(int(s), 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def attribution_pixels(feats: np.ndarray, head, cid: int, max_pixels: int, seed: int,
+                       frac: float = 0.25) -> np.ndarray:
+    """Pixels (m, C) whose channel-mean gradient x activation for ``cid`` exceeds ``frac`` x the image's
+    max (Herdt & Otero Baguer's contrast data), at most ``max_pixels``, seeded subsample.
+
+    ``head``: W (K, C) of a linear head (numpy), or the torch head module (autograd).
+    """
+    import torch
+
+    from .learners.attribution import attribution_map
+    from .learners.contrast import filter_pixels
+
+    acts = torch.from_numpy(np.ascontiguousarray(feats, np.float32))
+    maps = attribution_map(acts, torch.from_numpy(head) if isinstance(head, np.ndarray) else head, cid)
+    px = filter_pixels(acts, maps, frac).numpy()
+    if len(px) > max_pixels:
+        px = px[np.random.default_rng(seed).choice(len(px), max_pixels, replace=False)]
+    return px
