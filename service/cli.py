@@ -83,5 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m conceptlens.service.cli`: run the package's main so errors match
+    from conceptlens.service.cli import main as package_main
+
+    sys.exit(package_main())

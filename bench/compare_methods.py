@@ -1,0 +1,110 @@
+"""Every concept method's metrics side by side: same classes, same images, same k (issue 4).
+
+EfficientNet-Lite0 over CIFAR-10 training images from ../shared/data, grouped by the model's
+prediction; each class's images split into train / held-out exactly as precompute does; each
+method's basis scored on the held-out images through the served NNLS projection.
+
+    python bench/compare_methods.py [--images 1500] [--k 5] [--min-images 30]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import CACHE, DATA  # noqa: E402
+
+METHODS = ("nmf", "face", "attribution", "directions")
+COLUMNS = ("ice_fidelity", "top1_agreement", "accuracy_reconstructed", "c_del", "c_ins", "gini", "recon_error")
+
+
+def subset_shard(n: int) -> Path:
+    import tarfile
+
+    dest = CACHE / f"cifar-train-{n}.tar"
+    if dest.is_file():
+        return dest
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / "classes.txt").write_bytes((DATA / "cifar10" / "classes.txt").read_bytes())
+    tmp = dest.with_suffix(".tmp")
+    with tarfile.open(DATA / "cifar10" / "train-000.tar.gz") as tin, tarfile.open(tmp, "w") as tout:
+        index: dict[str, int] = {}
+        for m in tin:
+            if index.setdefault(m.name.split(".", 1)[0], len(index)) >= n:
+                break
+            tout.addfile(m, tin.extractfile(m))
+    tmp.rename(dest)
+    return dest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=1500)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--min-images", type=int, default=30)
+    ap.add_argument("--max-images", type=int, default=120)
+    ap.add_argument("--face-lambda", type=float, default=1.0)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from conceptlens.precompute.checks import concept_curves
+    from conceptlens.precompute.evaluate import evaluate_class, single_class_explainer
+    from conceptlens.precompute.fit import fit_basis
+    from conceptlens.precompute.job import Job, PrecomputeConfig, concept_weights
+
+    work = Path(tempfile.gettempdir()) / f"conceptlens-compare-{args.images}-{args.max_images}"
+    cfg = PrecomputeConfig(model="efficientnet-lite0", data=str(subset_shard(args.images)), out=str(work / "b"),
+                           work=str(work), min_images=args.min_images, max_images=args.max_images, device="cpu")
+    job = Job(cfg)
+    job.extract()
+    records, _ = job.load_records()
+    classes = job.eligible_classes(records)
+    hw, hb = job.model.head_weight.numpy(), job.model.head_bias.numpy()
+    names = job.model.class_names
+    print(f"EfficientNet-Lite0, {args.images} CIFAR-10 images grouped by prediction, {len(classes)} classes with "
+          f">= {args.min_images} images, k = {args.k}, held-out 20 %, FACE lambda = {args.face_lambda}")
+    rows: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
+    fit_time: dict[str, float] = {m: 0.0 for m in args.methods}
+    for cls in classes:
+        recs = records[cls]
+        order = np.random.default_rng(cfg.seed + cls).permutation(len(recs))
+        n_held = int(round(len(recs) * cfg.held_out))
+        held, train = order[:n_held], order[n_held:]
+        feats = np.stack([r.features for r in recs]).astype(np.float32)
+        for method in args.methods:
+            t = time.perf_counter()
+            basis = fit_basis(method, feats[train], k=args.k, class_id=cls, head_weight=hw, head_bias=hb, head_fn=None,
+                              seed=0, device=torch.device("cpu"), params={"face_lambda": args.face_lambda})
+            fit_time[method] += time.perf_counter() - t
+            weights = concept_weights(basis, cls, hw, None, feats[train])
+            ex = single_class_explainer(names, cls, basis, weights, hw, hb, None, method)
+            m = evaluate_class(ex, cls, feats[held], hw, hb)
+            m.update(concept_curves(ex, cls, feats[held], hw, hb, None))
+            rows[method][cls] = m
+    header = f"{'class':<22}{'method':<12}" + "".join(f"{c:>24}" for c in COLUMNS)
+    print(header)
+    for cls in classes:
+        for method in args.methods:
+            m = rows[method][cls]
+            print(f"{names[cls][:21]:<22}{method:<12}" + "".join(f"{m.get(c, float('nan')):>24.3f}" for c in COLUMNS))
+    print("\nmean over classes (lower is better: ice_fidelity, recon_error; higher: the rest)")
+    for method in args.methods:
+        means = [np.mean([rows[method][c].get(col, np.nan) for c in classes]) for col in COLUMNS]
+        print(f"{'':<22}{method:<12}" + "".join(f"{v:>24.3f}" for v in means) + f"   fit {fit_time[method]:.1f} s")
+    if "face" in rows and "nmf" in rows:
+        for col, better in (("accuracy_reconstructed", np.greater), ("c_del", np.greater),
+                            ("ice_fidelity", np.less)):
+            wins = sum(bool(better(rows["face"][c][col], rows["nmf"][c][col])) for c in classes)
+            ties = sum(bool(np.isclose(rows["face"][c][col], rows["nmf"][c][col])) for c in classes)
+            print(f"FACE better than NMF on {col}: {wins} of {len(classes)} classes ({ties} ties)")
+
+
+if __name__ == "__main__":
+    main()
