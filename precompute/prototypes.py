@@ -65,8 +65,13 @@ def top_crops(pool: CropPool, basis: np.ndarray, m: int, exclude_class: int | No
         pred = np.array([r.predicted for r in pool.records])
         allowed = pred[pool.image] != exclude_class
     out = []
+    per_image = max(1, int(np.bincount(pool.image).max()))
     for j in range(basis.shape[0]):
-        order = np.argsort(-scores[:, j], kind="stable")
+        col = np.where(allowed, scores[:, j], -np.inf)
+        # m distinct images are among the top m * (crops per image) crops: partial sort only those.
+        top = min(len(col), m * per_image)
+        cand = np.argpartition(-col, top - 1)[:top] if top < len(col) else np.arange(len(col))
+        order = cand[np.argsort(-col[cand], kind="stable")]
         chosen, used = [], set()
         for idx in order:
             if not allowed[idx] or pool.image[idx] in used:
