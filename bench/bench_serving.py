@@ -36,7 +36,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = Path(os.environ.get("CONCEPTLENS_BENCH_IMAGES", "/work/shared/data/imagenet-samples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA  # noqa: E402
+
+IMAGES = Path(os.environ.get("CONCEPTLENS_BENCH_IMAGES", DATA / "imagenet-samples"))
 
 
 # -- bundles -----------------------------------------------------------------------------------

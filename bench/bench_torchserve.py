@@ -42,7 +42,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-IMAGES = Path(os.environ.get("CONCEPTLENS_BENCH_IMAGES", "/work/shared/data/imagenet-samples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA  # noqa: E402
+
+IMAGES = Path(os.environ.get("CONCEPTLENS_BENCH_IMAGES", DATA / "imagenet-samples"))
 EXPLAIN = {"top_k": 1, "prototypes_per_concept": 0}  # as bench_serving: top-1 class, all its concepts
 KINDS = ("stock", "plain", "handler", "grpc")
 

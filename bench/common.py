@@ -8,7 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(os.environ.get("CONCEPTLENS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+def _find_data() -> Path:
+    """../shared/data beside the checkout (or CONCEPTLENS_DATA); /work/shared/data for clones elsewhere."""
+    if os.environ.get("CONCEPTLENS_DATA"):
+        return Path(os.environ["CONCEPTLENS_DATA"])
+    for cand in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")):
+        if cand.is_dir():
+            return cand
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+DATA = _find_data()
 CACHE = Path(os.environ.get("CONCEPTLENS_BENCH_CACHE", Path(tempfile.gettempdir()) / "conceptlens-bench"))
 
 
