@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 proto: $(STAMP)
-	$(PY) -c "exec(open('setup.py').read().split('class BuildWithProtos')[0]); generate_protos()"
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/conceptlens/v1/*.proto
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION := /usr/share/datasets/fashion-mnist
