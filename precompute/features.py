@@ -79,9 +79,11 @@ class Progress:
             log.info("%s: %d%s (%.1f/s)%s", self.what, self.done, of, rate, f", {extra}" if extra else "")
 
 
-def _encode_view(view) -> bytes:
+def _encode_view(view: np.ndarray) -> bytes:
+    from PIL import Image
+
     buf = io.BytesIO()
-    view.save(buf, format="JPEG", quality=90)
+    Image.fromarray(view).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -54,7 +55,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: in
             img.load()
     except Exception as e:
         raise ImageError(f"image data is truncated or corrupt: {e}") from None
-    return to_rgb(img)
+    rgb = to_rgb(img)
+    rgb.info["declared_size"] = (w, h)  # before any reduced-size (draft) decode
+    return rgb
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -73,15 +76,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_crop(img: Image.Image, pre: Preprocessing) -> Image.Image:
-    """Short side to ``pre.resize`` (bilinear), then the central ``pre.crop`` square."""
+def resize_crop(img: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """Short side to ``pre.resize`` (bilinear), then the central ``pre.crop`` square: (crop, crop, 3) uint8.
+
+    The crop is a numpy view of the decoded pixels (cheaper than PIL's crop and conversion).
+    """
     w, h = img.size
     scale = pre.resize / min(w, h)
     nw, nh = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
-    return img.crop((left, top, left + pre.crop, top + pre.crop))
+    return np.asarray(img)[top:top + pre.crop, left:left + pre.crop]
+
+
+def crop_box(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the model's crop in the pixels of an image of ``size`` (w, h)."""
+    w, h = size
+    s = pre.resize / min(w, h)
+    nw, nh = max(pre.crop, round(w * s)), max(pre.crop, round(h * s))
+    left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
+    return (round(left * w / nw), round(top * h / nh), round((left + pre.crop) * w / nw),
+            round((top + pre.crop) * h / nh))
 
 
 def normalize(view: Image.Image | np.ndarray, pre: Preprocessing) -> np.ndarray:
@@ -101,8 +117,24 @@ def normalize(view: Image.Image | np.ndarray, pre: Preprocessing) -> np.ndarray:
     return out
 
 
+@dataclass
+class Preprocessed:
+    input: np.ndarray  # (3, crop, crop) float32, normalized
+    view: np.ndarray  # (crop, crop, 3) uint8 RGB: what the model sees
+    size: tuple[int, int]  # (width, height) of the image as sent
+    crop: tuple[int, int, int, int]  # the model's crop in those pixels
+
+
+def preprocess(data: bytes, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> Preprocessed:
+    """Bytes -> model input, the view it comes from, the image's size and the crop box."""
+    img = decode_image(data, max_pixels=max_pixels, draft_to=pre.resize)
+    size = img.info.get("declared_size", img.size)
+    view = resize_crop(img, pre)
+    return Preprocessed(normalize(view, pre), view, size, crop_box(size, pre))
+
+
 def preprocess_bytes(data: bytes, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS
-                     ) -> tuple[np.ndarray, Image.Image]:
-    """Bytes -> (model input (3, crop, crop) float32, the cropped RGB view the model sees)."""
-    view = resize_crop(decode_image(data, max_pixels=max_pixels, draft_to=pre.resize), pre)
-    return normalize(view, pre), view
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes -> (model input (3, crop, crop) float32, the (crop, crop, 3) uint8 view the model sees)."""
+    p = preprocess(data, pre, max_pixels)
+    return p.input, p.view

@@ -48,7 +48,7 @@ from .contrast import ContrastStore
 from .explain import Explainer, top_predictions
 from .html import overlay_png, raw_grid
 from .metrics import Metrics
-from .preprocess import ImageError, preprocess_bytes
+from .preprocess import ImageError, preprocess
 from .runtime import Runtime, create_runtime
 
 log = logging.getLogger(__name__)
@@ -298,16 +298,10 @@ class ServingModel:
     # --- hooks: decode, predict, explain + encode ---
     def decode(self, data: bytes) -> tuple[np.ndarray, pb.ImageInfo]:
         """Image bytes -> (model input (3, S, S) float32, image size and crop box in its pixels)."""
-        pre = self.bundle.preprocessing
-        x, _view = preprocess_bytes(data, pre, max_pixels=self.config.max_pixels)
-        with Image.open(io.BytesIO(data)) as probe:  # header only: the original size
-            ow, oh = probe.size
-        s = pre.resize / min(ow, oh)
-        nw, nh = max(pre.crop, round(ow * s)), max(pre.crop, round(oh * s))
-        left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
-        info = pb.ImageInfo(width=ow, height=oh)
-        info.crop.x0, info.crop.y0 = round(left * ow / nw), round(top * oh / nh)
-        info.crop.x1, info.crop.y1 = round((left + pre.crop) * ow / nw), round((top + pre.crop) * oh / nh)
+        p = preprocess(data, self.bundle.preprocessing, max_pixels=self.config.max_pixels)
+        x = p.input
+        info = pb.ImageInfo(width=p.size[0], height=p.size[1])
+        info.crop.x0, info.crop.y0, info.crop.x1, info.crop.y1 = p.crop
         return x, info
 
     def infer(self, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
