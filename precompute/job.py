@@ -116,6 +116,7 @@ class Job:
         self.hash = cfg.config_hash()
         self._model: SplitModel | None = None
         self._dataset: Dataset | None = None
+        self._fwd = None  # the ONNX Runtime forward, created on first use
 
     # ---- shared pieces -------------------------------------------------------------------------
     @property
@@ -218,7 +219,7 @@ class Job:
             return path
         log.info("extract: data %s (%s), shard %d/%d, model %s layer %s", self.cfg.data, self.dataset.kind,
                  i, n, self.model.name, self.model.layer)
-        res = extract(self.dataset, self.onnx_forward(), self.model.preprocessing, group_of=group, shard=(i, n),
+        res = extract(self.dataset, self._forward(), self.model.preprocessing, group_of=group, shard=(i, n),
                       batch_size=self.cfg.batch_size, max_per_class=self.cfg.max_images, seed=self.cfg.seed)
         if res.processed == 0:
             raise JobError(f"no usable image in {self.cfg.data} (shard {i}/{n}); {res.skipped} could not be read")
@@ -332,7 +333,7 @@ class Job:
         return None, None, head_fn
 
     def _forward(self):
-        if getattr(self, "_fwd", None) is None:
+        if self._fwd is None:
             self._fwd = self.onnx_forward()
         return self._fwd
 
