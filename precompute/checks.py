@@ -21,16 +21,9 @@ import numpy as np
 from PIL import Image
 
 from ..service.explain import Explainer, softmax
+from .evaluate import served_codes
 from .features import Record
 from .prototypes import CropPool, top_crops
-
-
-def served_codes(explainer: Explainer, cid: int, feats: np.ndarray) -> np.ndarray:
-    """Served codes (N, HW, k) of features (N, C, H, W)."""
-    proj = explainer.projector(cid)
-    n, c, h, w = feats.shape
-    v = feats.reshape(n, c, h * w).transpose(0, 2, 1).reshape(-1, c)
-    return proj.project(v).reshape(n, h * w, -1)
 
 
 def gini(x: np.ndarray) -> float:

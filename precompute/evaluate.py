@@ -34,13 +34,19 @@ def single_class_explainer(class_names: list[str], class_id: int, basis: np.ndar
     return Explainer(bundle, head=head_fn)
 
 
-def reconstruct(explainer: Explainer, class_id: int, features: np.ndarray) -> np.ndarray:
-    """Served reconstructions S P of features (N, C, H, W), same shape, float32."""
+def served_codes(explainer: Explainer, class_id: int, features: np.ndarray) -> np.ndarray:
+    """Served codes S (N, HW, k) of features (N, C, H, W): the explain core's NNLS projection."""
     proj = explainer.projector(class_id)
     n, c, h, w = features.shape
     v = features.reshape(n, c, h * w).transpose(0, 2, 1).reshape(-1, c)
-    recon = proj.project(v) @ proj.basis
-    return recon.reshape(n, h * w, c).transpose(0, 2, 1).reshape(n, c, h, w)
+    return proj.project(v).reshape(n, h * w, -1)
+
+
+def reconstruct(explainer: Explainer, class_id: int, features: np.ndarray) -> np.ndarray:
+    """Served reconstructions S P of features (N, C, H, W), same shape, float32."""
+    n, c, h, w = features.shape
+    recon = served_codes(explainer, class_id, features) @ explainer.projector(class_id).basis  # (N, HW, C)
+    return recon.transpose(0, 2, 1).reshape(n, c, h, w)
 
 
 def logits_of(features: np.ndarray, head_weight: np.ndarray | None, head_bias: np.ndarray | None,

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from ..service.bundle import atomic_write_bytes, atomic_write_json
+from ..service.explain import softmax
 from .datasets import Dataset, open_dataset
-from .evaluate import evaluate_class, single_class_explainer
+from .evaluate import evaluate_class, logits_of, single_class_explainer
 from .features import Progress, Record, extract, load_part, save_part
 from .models import SplitModel, export_head_onnx, export_onnx, load_model
 from .prototypes import CropPool, cosine_scores, crop_jpeg, top_crops
@@ -339,8 +340,8 @@ class Job:
 
     def _learn_class(self, cls: int, all_records: dict[int, list[Record]], pool: CropPool, seen: int) -> None:
         from ..service.preprocess import normalize
-        from .checks import (attribution_pixels, concept_curves, most_confused, served_codes, stability,
-                             stitched_test)
+        from .checks import attribution_pixels, concept_curves, most_confused, stability, stitched_test
+        from .evaluate import served_codes
         from .fit import fit_basis
 
         cfg = self.cfg
@@ -377,7 +378,7 @@ class Job:
         if cfg.contrast_samples > 0:
             px = attribution_pixels(feats[train], head_for_attr, cls, cfg.contrast_samples, cfg.seed)
             tensors["samples"] = px.astype(np.float16)
-            logits = evaluate_logits(feats, hw, hb, hfn)
+            logits = logits_of(feats, hw, hb, hfn)
             other = most_confused(recs, logits, cls, {c for c, r in all_records.items() if len(r) >= 2} - {cls})
             if other is not None and len(px) >= cfg.concepts:
                 metrics["shift"] = self._contrast_pair(cls, other, px, all_records[other], head_for_attr, hw, hb,
@@ -432,7 +433,7 @@ class Job:
         import torch
 
         head = (torch.from_numpy(hw), torch.from_numpy(hb)) if hw is not None else self.model.head
-        base = float(np.mean(softmax_rows(evaluate_logits(feats_b, hw, hb, hfn))[:, a]))
+        base = float(np.mean(softmax(logits_of(feats_b, hw, hb, hfn))[:, a]))
         best = shift_test(torch.from_numpy(feats_b), torch.from_numpy(np.asarray(normal, np.float32)), offset,
                           head, a)
         return {"pairs": [{"target": a, "target_name": self.model.class_names[a], "source": b,
@@ -456,18 +457,6 @@ def concept_weights(basis: np.ndarray, cls: int, head_weight: np.ndarray | None,
         d = p[None, :, None, None].astype(np.float32) * eps
         out.append(float((head_fn(a + d)[:, cls] - head_fn(a - d)[:, cls]).mean() / (2 * eps)))
     return np.asarray(out, np.float32)
-
-
-def evaluate_logits(feats: np.ndarray, hw, hb, hfn) -> np.ndarray:
-    from .evaluate import logits_of
-
-    return logits_of(feats, hw, hb, hfn)
-
-
-def softmax_rows(z: np.ndarray) -> np.ndarray:
-    from ..service.explain import softmax
-
-    return softmax(z)
 
 
 def class_flags(metrics: dict, images: int, min_images: int) -> list[str]:

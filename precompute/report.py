@@ -409,7 +409,7 @@ def render_index(bundle: Bundle, order: list[tuple[int, dict]]) -> str:
     optional = [k for k in INDEX_OPTIONAL
                 if any(_is_num(_split(info.get("metrics") or {}, "held_out").get(k)) for _, info in order)]
     has_stitched = any(isinstance((info.get("metrics") or {}).get("stitched"), dict) for _, info in order)
-    parts = [f"<h1>conceptlens evaluation report</h1>",
+    parts = ["<h1>conceptlens evaluation report</h1>",
              f"<p>{len(order)} classes, <b>{n_flagged} flagged</b>"
              + (f"; held-out ICE fidelity median {fmt(float(np.median(fids)))}, "
                 f"mean {fmt(float(np.mean(fids)))}" if fids else "") + ".</p>",

@@ -25,7 +25,6 @@ import concurrent.futures
 import functools
 import hmac
 import inspect
-import io
 import logging
 import signal
 import time
@@ -37,7 +36,6 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
-from PIL import Image
 
 from ..v1 import explain_service_pb2 as pb
 from .batcher import BatchQueue, DeadlineExpiredError, QueueFullError

@@ -46,6 +46,19 @@ def write_subset_shard(dest: Path, n: int, src: str = "train-000.tar.gz", start:
     return dest
 
 
+def cifar_test_jpegs(n: int) -> list[bytes]:
+    """The first ``n`` JPEGs of the CIFAR-10 test shard (never seen by the test bundles)."""
+    require_data()
+    out = []
+    with tarfile.open(CIFAR / "test-000.tar.gz") as tar:
+        for m in tar:
+            if m.name.endswith(".jpg"):
+                out.append(tar.extractfile(m).read())
+                if len(out) == n:
+                    break
+    return out
+
+
 @pytest.fixture(scope="session")
 def cifar_shard(tmp_path_factory) -> Path:
     """900 CIFAR-10 training images as one tar shard (KEY.jpg + KEY.cls)."""

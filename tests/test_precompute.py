@@ -1,8 +1,6 @@
 """The precompute job end to end on the real model and real images (issue 2)."""
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CIFAR, IMAGENET, require_data, write_subset_shard
+from conftest import IMAGENET, cifar_test_jpegs, require_data, write_subset_shard
 
 from conceptlens.service.bundle import BundleError, load_bundle
 from conceptlens.service.explain import Explainer
@@ -76,15 +74,7 @@ def test_bundle_loads_verifies_and_explains_held_out_images(cifar_bundle):
     # Held-out images: the CIFAR-10 test shard, never seen by precompute.
     explainer = Explainer(bundle)
     session = create_session(bundle.model_path, device="cpu")
-    import tarfile
-
-    imgs = []
-    with tarfile.open(CIFAR / "test-000.tar.gz") as tar:
-        for m in tar:
-            if m.name.endswith(".jpg"):
-                imgs.append(tar.extractfile(m).read())
-            if len(imgs) == 64:
-                break
+    imgs = cifar_test_jpegs(64)
     x = np.stack([preprocess_bytes(b, bundle.preprocessing)[0] for b in imgs])
     feats, logits = session.run(["features", "logits"], {"image": x})
     checked = 0

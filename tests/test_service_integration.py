@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import urllib.request
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import CIFAR, require_data
+from conftest import cifar_test_jpegs
 from PIL import Image
 from service_conftest import RedisProcess, bad_inputs, free_port, metric_value, png16_bytes
 
@@ -35,16 +34,6 @@ pytestmark = pytest.mark.slow
 MAX_MESSAGE = 4 << 20
 
 
-def cifar_test_images(n: int) -> list[bytes]:
-    require_data()
-    out = []
-    with tarfile.open(CIFAR / "test-000.tar.gz") as tar:
-        for m in tar:
-            if m.name.endswith(".jpg"):
-                out.append(tar.extractfile(m).read())
-                if len(out) == n:
-                    break
-    return out
 
 
 class ServeProcess:
@@ -102,7 +91,7 @@ def client(served):
 
 @pytest.fixture(scope="module")
 def images():
-    return cifar_test_images(24)
+    return cifar_test_jpegs(24)
 
 
 def check_identity(resp) -> None:

@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -29,7 +28,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import CIFAR, require_data
+from conftest import cifar_test_jpegs
 from google.protobuf import json_format
 from service_conftest import ServerThread, free_port, jpeg_bytes, tiny_bundle  # noqa: F401  (fixture)
 
@@ -239,16 +238,6 @@ def test_tensor_requests_are_checked(tiny_worker):
 
 
 # -- slow: a real TorchServe ----------------------------------------------------------------------
-def cifar_images(n: int) -> list[bytes]:
-    require_data()
-    out = []
-    with tarfile.open(CIFAR / "test-000.tar.gz") as tar:
-        for m in tar:
-            if m.name.endswith(".jpg"):
-                out.append(tar.extractfile(m).read())
-                if len(out) == n:
-                    break
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +289,7 @@ def ts_stubs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lite0_case(lite0_service):
-    images = cifar_images(10)
+    images = cifar_test_jpegs(10)
     with ExplainClient(lite0_service.target) as c:
         classes = c.list_classes()
     with_concepts = [x.class_id for x in classes.classes if x.has_concepts]

@@ -4,9 +4,10 @@
    attribution above a fraction of the image's largest).
 2. ``fit_hyperplane``: logistic regression between A's and B's pixels; label 1 is A, so the normal w
    points from B towards A and w . a + b > 0 on A's side. The reference trains it with plain SGD
-   (lr 0.01, 100 full-batch epochs), which stops far from the optimum; the default here is L-BFGS with a
-   small L2 penalty, run to convergence. ``method="sgd"`` reproduces the reference for comparison.
-3. ``contrast_concepts``: NMF of A's pixels scaled by max(w . a + b, 0): the concepts for A against B.
+   (lr 0.01, 100 full-batch epochs), which stops far from the optimum; the default is the service's
+   converged Newton-CG solver (one implementation for precompute and on-request pairs).
+   ``method="sgd"`` reproduces the reference for comparison.
+3. ``contrast_concepts``: NMF of A's pixels scaled by max(w . a + b, 0), again the service's code.
 4. ``shift_test``: move B's activations along the normal, A' = ReLU(A - w * offset) with offsets <= 0 (so
    A' = ReLU(A + |offset| w), towards A, as in the reference's code), and report the largest mean
    p(target) over the offsets.
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .nmf import NMF, resolve_device
+from .nmf import resolve_device
 
 DEFAULT_OFFSETS = (0.0, -0.5, -1.0, -2.0, -10.0, -15.0, -20.0, -35.0, -50.0, -200.0)
 Head = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Tensor], torch.Tensor]
@@ -38,68 +40,54 @@ def filter_pixels(acts, attributions, frac: float = 0.25) -> torch.Tensor:
     return a.permute(0, 2, 3, 1)[keep]
 
 
-def fit_hyperplane(pixels_a, pixels_b, method: str = "lbfgs", l2: float = 1e-3, max_iter: int = 50,
-                   tol: float = 1e-7, lr: float = 0.01, epochs: int = 100, seed: int = 0,
-                   device: str | torch.device | None = None) -> tuple[torch.Tensor, float]:
+def fit_hyperplane(pixels_a, pixels_b, method: str = "newton", l2: float = 1e-3, lr: float = 0.01,
+                   epochs: int = 100, seed: int = 0, device: str | torch.device | None = None
+                   ) -> tuple[torch.Tensor, float]:
     """Logistic regression A (label 1) vs B (label 0) on pixels (n_a, C), (n_b, C): (normal (C,), offset).
 
-    ``lbfgs``: mean binary cross-entropy + l2/2 ||w||^2 on inputs divided by one global scale (the
-    pixels' RMS; undone on return), L-BFGS with strong-Wolfe line search for at most ``max_iter``
-    iterations or until the gradient or the change falls below ``tol`` (on EfficientNet-Lite0 pixels,
-    C = 1280, it has converged by 20-50 iterations; the penalty keeps separable pairs finite).
-    ``sgd``: the reference, nn.Linear's default init (seeded), SGD ``lr`` for ``epochs`` full-batch
-    steps, no penalty.
+    ``newton`` (default): the service's solver (``conceptlens.service.contrast.fit_hyperplane``,
+    balanced classes, L2 ``l2``, Newton-CG to convergence), so precomputed pairs and pairs computed
+    on request are fitted the same way. ``sgd``: the reference, nn.Linear's default init (seeded),
+    SGD ``lr`` for ``epochs`` full-batch steps, no penalty, on ``device``.
     """
+    if method == "newton":
+        from ...service.contrast import fit_hyperplane as fit_np
+
+        normal, offset = fit_np(_np(pixels_a), _np(pixels_b), l2=l2)
+        return torch.from_numpy(np.asarray(normal, np.float32)), float(offset)
+    if method != "sgd":
+        raise ValueError(f"unknown method {method!r}: newton or sgd")
     dev = resolve_device(device)
-    xa = torch.as_tensor(pixels_a).detach().to(dev, torch.float32)
-    xb = torch.as_tensor(pixels_b).detach().to(dev, torch.float32)
+    xa = torch.as_tensor(pixels_a).to(dev, torch.float32)
+    xb = torch.as_tensor(pixels_b).to(dev, torch.float32)
     x = torch.cat([xa, xb])
     y = torch.cat([torch.ones(len(xa), device=dev), torch.zeros(len(xb), device=dev)])
-    if method == "sgd":
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            lin = torch.nn.Linear(x.shape[1], 1).to(dev)
-        finally:
-            torch.random.set_rng_state(gen_state)
-        opt = torch.optim.SGD(lin.parameters(), lr=lr)
-        for _ in range(epochs):
-            opt.zero_grad()
-            F.binary_cross_entropy_with_logits(lin(x)[:, 0], y).backward()
-            opt.step()
-        return lin.weight.detach()[0], float(lin.bias.detach()[0])
-    if method != "lbfgs":
-        raise ValueError(f"unknown method {method!r}")
-    scale = x.square().mean().sqrt().clamp(min=1e-12)
-    xs = x / scale
-    w = torch.zeros(x.shape[1], device=dev, requires_grad=True)
-    b = torch.zeros((), device=dev, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-2,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        lin = torch.nn.Linear(x.shape[1], 1).to(dev)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    opt = torch.optim.SGD(lin.parameters(), lr=lr)
+    for _ in range(epochs):
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(xs @ w + b, y) + 0.5 * l2 * w.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return (w.detach() / scale), float(b.detach())
+        F.binary_cross_entropy_with_logits(lin(x)[:, 0], y).backward()
+        opt.step()
+    return lin.weight.detach()[0], float(lin.bias.detach()[0])
 
 
-def contrast_concepts(pixels_a, normal, offset: float, k: int, seed: int = 0,
-                      device: str | torch.device | None = None, **nmf_kwargs) -> torch.Tensor:
+def contrast_concepts(pixels_a, normal, offset: float, k: int, seed: int = 0) -> torch.Tensor:
     """Basis (k, C) of "A rather than B": NMF of pixels (n, C) scaled by max(w . a + b, 0).
 
-    Pixels on B's side (scale 0) are left out.
+    The service's implementation (``conceptlens.service.contrast.contrast_basis``), as a tensor.
     """
-    dev = resolve_device(device)
-    x = torch.as_tensor(pixels_a).detach().to(dev, torch.float32)
-    z = (x @ torch.as_tensor(normal).detach().to(dev, torch.float32) + offset).clamp(min=0)
-    keep = z > 0
-    if int(keep.sum()) < k:
-        raise ValueError("too few pixels on A's side of the hyperplane for this many concepts")
-    return NMF(k, seed=seed, device=dev, **nmf_kwargs).fit(x[keep] * z[keep, None]).components_
+    from ...service.contrast import contrast_basis
+
+    return torch.from_numpy(contrast_basis(_np(pixels_a), _np(normal), float(offset), k, seed=seed))
+
+
+def _np(x) -> np.ndarray:
+    return np.ascontiguousarray(torch.as_tensor(x).detach().cpu().numpy(), dtype=np.float32)
 
 
 def _logits(head: Head, acts: torch.Tensor) -> torch.Tensor:
