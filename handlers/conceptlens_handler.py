@@ -42,6 +42,7 @@ from conceptlens.handlers.ts_requests import RequestError, error_body, npy_bytes
 from conceptlens.handlers.worker_runtime import WorkerOnnxRuntime
 from conceptlens.service.bundle import load_bundle
 from conceptlens.service.config import ServerConfig
+from conceptlens.service.runtime import single_threaded_blas
 from conceptlens.service.server import ClassNotFoundError, ServingModel
 from conceptlens.v1 import explain_service_pb2 as pb
 
@@ -63,6 +64,7 @@ class ConceptLensHandler:
 
     def initialize(self, context) -> None:
         props = context.system_properties
+        single_threaded_blas()
         settings = dict((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})
         model_dir = Path(props["model_dir"])
         bundle = load_bundle(model_dir / BUNDLE_DIR, verify=bool(settings.get("verify_bundle", True)))

@@ -1,24 +1,33 @@
-"""Dynamic batching across concurrent requests, in the style of Ray Serve's ``_BatchQueue``.
+"""Dynamic batching across concurrent requests, run by the requests' own threads (leader/follower).
 
-Requests ``submit`` one payload each and await their own result. One loop takes the first waiting
-item, adds whatever else is already queued (or arrives within ``max_delay_s``, default 0: no added
-delay) up to ``max_batch_size``, drops items whose deadline passed or whose caller went away, and
-hands the rest to ``predict`` in one call. While a batch runs, new requests queue up and form the
-next batch, so batches grow with load and stay at 1 when idle.
+Each request runs its whole pipeline (decode, inference, explain, encode) in one worker thread, so
+it costs one hop off the event loop and back instead of one per stage. Threads ``submit`` one
+payload each and block until their result is ready:
 
-The queue is bounded: ``submit`` raises QueueFullError at once when it is full (the server answers
-RESOURCE_EXHAUSTED). Only payloads travel through the batcher; each request keeps its own
-options in its own coroutine.
+- A thread that finds fewer than ``max_concurrent_batches`` batches running becomes a *leader*:
+  it takes the oldest waiting items (its own first) up to ``max_batch_size``, runs ``predict`` on
+  them in its own thread, hands every item its result, and, if items are still waiting, wakes the
+  oldest one's thread to lead the next batch. An idle server therefore runs a lone request at once,
+  with no thread hand-off at all.
+- Other threads wait (followers). While a batch runs, new requests queue up and form the next
+  one, so batches grow with load and stay at 1 when idle.
+
+A leader may wait before starting, only for requests it knows are coming: those announced with
+:meth:`expect` (the server announces a request before decoding its image) are waited for up to
+``max_arrival_wait_s``; with ``max_delay_s`` > 0 it also waits that long for the batch to fill.
+Neither wait happens when nothing is on its way, so a lone request never waits.
+
+The queue is bounded: ``submit`` raises QueueFullError at once when it is full. Items whose
+deadline passed, or whose :class:`Ticket` was cancelled (the caller went away), are dropped before
+they cost inference.
 """
 from __future__ import annotations
 
-import asyncio
-import logging
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
-
-log = logging.getLogger(__name__)
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -32,6 +41,14 @@ class DeadlineExpiredError(Exception):
     """The request's deadline passed before it reached inference."""
 
 
+class CancelledItemError(Exception):
+    """The request was cancelled (its caller went away) before it reached inference."""
+
+
+class ClosedError(Exception):
+    """The batcher is closed: the server is shutting down."""
+
+
 @dataclass
 class BatchInfo:
     """What a request learns about the batch it was part of."""
@@ -41,25 +58,46 @@ class BatchInfo:
     predict_seconds: float  # wall time of the batch's predict call
 
 
-@dataclass
+class Ticket:
+    """A request's handle across threads: the event loop cancels it when the caller goes away."""
+
+    __slots__ = ("cancelled", "_item")
+
+    def __init__(self):
+        self.cancelled = False
+        self._item: _Item | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        item = self._item
+        if item is not None:
+            item.wake.set()  # a waiting follower drops its item and returns
+
+
+@dataclass(eq=False)
 class _Item(Generic[P]):
     payload: P
-    future: asyncio.Future
     deadline: float | None  # time.monotonic() seconds
+    ticket: Ticket | None
+    wake: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
-
-
-Predict = Callable[[list[Any]], Awaitable[Sequence[Any]]]
+    lead: bool = False  # handed the lead of the next batch
+    taken: bool = False  # in a running batch
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
 
 
 class BatchQueue(Generic[P, R]):
     """Batches payloads for ``predict(payloads) -> results`` (one result per payload, same order).
 
-    ``on_batch(size)``, ``on_depth(depth)`` and ``on_drop(reason)`` are optional metric hooks.
+    ``predict`` is a plain function, called in the thread of the batch's leader. ``on_batch(size)``,
+    ``on_depth(depth)`` and ``on_drop(reason)`` are optional metric hooks.
     """
 
-    def __init__(self, predict: Predict, max_batch_size: int = 8, max_delay_s: float = 0.0,
-                 max_queue_size: int = 256, max_concurrent_batches: int = 1,
+    def __init__(self, predict: Callable[[list[P]], Sequence[R]], max_batch_size: int = 8,
+                 max_delay_s: float = 0.0, max_queue_size: int = 256, max_concurrent_batches: int = 1,
+                 max_arrival_wait_s: float = 0.01,
                  on_batch: Callable[[int], None] | None = None,
                  on_depth: Callable[[int], None] | None = None,
                  on_drop: Callable[[str], None] | None = None):
@@ -67,134 +105,187 @@ class BatchQueue(Generic[P, R]):
             raise ValueError("max_batch_size must be at least 1")
         if max_queue_size < 1:
             raise ValueError("max_queue_size must be at least 1")
+        if max_concurrent_batches < 1:
+            raise ValueError("max_concurrent_batches must be at least 1")
         self.predict = predict
         self.max_batch_size = int(max_batch_size)
         self.max_delay_s = max(0.0, float(max_delay_s))
+        self.max_arrival_wait_s = max(0.0, float(max_arrival_wait_s))
         self.max_queue_size = int(max_queue_size)
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=self.max_queue_size)
-        self._slots = asyncio.Semaphore(max(1, int(max_concurrent_batches)))
+        self.max_concurrent_batches = int(max_concurrent_batches)
         self._on_batch, self._on_depth, self._on_drop = on_batch, on_depth, on_drop
-        self._loop_task: asyncio.Task | None = None
-        self._batch_tasks: set[asyncio.Task] = set()
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # notified when an item is queued or an arrival is called off
+        self._queue: deque[_Item] = deque()
+        self._leaders = 0  # batches being formed or run
+        self._expected = 0  # announced requests not yet submitted
+        self._closed = False
 
     @property
     def depth(self) -> int:
         """Items waiting for a batch."""
-        return self._queue.qsize()
+        return len(self._queue)
 
-    def start(self) -> None:
-        if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="batch-queue")
+    # -- arrivals --------------------------------------------------------------------------------
+    def expect(self) -> None:
+        """Announce a request that will ``submit`` soon (its image is being decoded)."""
+        with self._lock:
+            self._expected += 1
 
-    async def close(self) -> None:
-        """Stop forming batches; running batches finish, waiting items fail with CancelledError."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except asyncio.CancelledError:
-                pass
-            self._loop_task = None
-        if self._batch_tasks:
-            await asyncio.gather(*self._batch_tasks, return_exceptions=True)
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if not item.future.done():
-                item.future.cancel()
+    def unexpect(self) -> None:
+        """Call off an announced request that will not submit (its decode failed)."""
+        with self._lock:
+            self._expected = max(0, self._expected - 1)
+            self._arrived.notify_all()
 
-    async def submit(self, payload: P, deadline: float | None = None) -> tuple[R, BatchInfo]:
-        """Queue ``payload``; return its result and its batch's info.
+    def close(self) -> None:
+        """Refuse new items; queued and running ones still finish."""
+        with self._lock:
+            self._closed = True
+            self._arrived.notify_all()
 
-        ``deadline`` is an absolute ``time.monotonic()``; an item still queued past it is dropped
-        with DeadlineExpiredError. Raises QueueFullError at once when the queue is full.
+    # -- submit ----------------------------------------------------------------------------------
+    def submit(self, payload: P, deadline: float | None = None, ticket: Ticket | None = None,
+               expected: bool = False) -> tuple[R, BatchInfo]:
+        """Queue ``payload`` and block until its result; returns (result, its batch's info).
+
+        ``deadline`` is an absolute ``time.monotonic()``: an item still queued past it is dropped
+        with DeadlineExpiredError. A cancelled ``ticket`` drops it with CancelledItemError.
+        ``expected``: this request was announced with :meth:`expect`. Raises QueueFullError at
+        once when the queue is full and ClosedError after :meth:`close`.
         """
-        if self._loop_task is None:
-            self.start()
-        if deadline is not None and time.monotonic() >= deadline:
-            self._drop("deadline")
-            raise DeadlineExpiredError("the request's deadline passed before inference")
-        item = _Item(payload, asyncio.get_running_loop().create_future(), deadline)
+        item = _Item(payload, deadline, ticket)
+        with self._lock:
+            if expected:
+                self._expected = max(0, self._expected - 1)
+            if ticket is not None and ticket.cancelled:
+                self._arrived.notify_all()
+                self._drop("cancelled")
+                raise CancelledItemError("the request was cancelled before inference")
+            if self._closed:
+                self._arrived.notify_all()
+                raise ClosedError("the server is shutting down")
+            if deadline is not None and time.monotonic() >= deadline:
+                self._arrived.notify_all()
+                self._drop("deadline")
+                raise DeadlineExpiredError("the request's deadline passed before inference")
+            if len(self._queue) >= self.max_queue_size:
+                self._arrived.notify_all()
+                self._drop("queue_full")
+                raise QueueFullError(f"the server is busy: {self.max_queue_size} requests are already "
+                                     f"waiting for inference; retry later")
+            self._queue.append(item)
+            if ticket is not None:
+                ticket._item = item
+            lead = self._leaders < self.max_concurrent_batches
+            if lead:
+                self._leaders += 1
+            self._depth()
+            self._arrived.notify_all()
+        if lead:
+            self._lead(item)
+        else:
+            self._follow(item)
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _follow(self, item: _Item) -> None:
+        while True:
+            timeout = None if item.deadline is None else max(0.0, item.deadline - time.monotonic())
+            item.wake.wait(timeout)
+            with self._lock:
+                if item.done:
+                    return
+                if item.lead:
+                    break
+                item.wake.clear()
+                if item.taken:  # in a running batch: its result is coming
+                    continue
+                gone = item.ticket is not None and item.ticket.cancelled
+                expired = item.deadline is not None and time.monotonic() >= item.deadline
+                if gone or expired:
+                    self._queue.remove(item)
+                    self._depth()
+                    self._fail(item, "cancelled" if gone else "deadline")
+                    return
+        self._lead(item)
+
+    # -- leading a batch -------------------------------------------------------------------------
+    def _lead(self, own: _Item) -> None:
+        """Run batches until ``own`` has its result, then pass the lead on (or give the slot back)."""
         try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self._drop("queue_full")
-            raise QueueFullError(f"the server is busy: {self.max_queue_size} requests are already "
-                                 f"waiting for inference; retry later") from None
-        self._depth()
-        return await item.future  # cancelling this cancels the future: the loop skips the item
+            while not own.done:
+                batch = self._take()
+                if batch:
+                    self._run(batch)
+        finally:
+            with self._lock:
+                nxt = next((i for i in self._queue if not i.lead), None)
+                if nxt is not None:
+                    nxt.lead = True
+                    nxt.wake.set()
+                else:
+                    self._leaders -= 1
+
+    def _take(self) -> list[_Item]:
+        """Under the lock: the oldest live items, after waiting for announced arrivals."""
+        with self._lock:
+            now = time.monotonic()
+            arrivals_until = now + self.max_arrival_wait_s
+            fill_until = now + self.max_delay_s
+            while len(self._queue) < self.max_batch_size and not self._closed:
+                now = time.monotonic()
+                until = max(fill_until, arrivals_until if self._expected > 0 else 0.0)
+                if now >= until:
+                    break
+                self._arrived.wait(until - now)
+            batch = []
+            while self._queue and len(batch) < self.max_batch_size:
+                item = self._queue.popleft()
+                if item.ticket is not None and item.ticket.cancelled:
+                    self._fail(item, "cancelled")
+                elif item.deadline is not None and time.monotonic() >= item.deadline:
+                    self._fail(item, "deadline")
+                else:
+                    item.taken = True
+                    batch.append(item)
+            self._depth()
+            return batch
+
+    def _run(self, batch: list[_Item]) -> None:
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        start = time.perf_counter()
+        try:
+            results = self.predict([item.payload for item in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"predict returned {len(results)} results for {len(batch)} items")
+        except Exception as e:
+            with self._lock:
+                for item in batch:
+                    item.error, item.done = e, True
+                    item.wake.set()
+            return
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            for item, result in zip(batch, results):
+                item.result = (result, BatchInfo(len(batch), start - item.enqueued, elapsed))
+                item.done = True
+                item.wake.set()
+
+    # -- helpers (called with the lock held) -----------------------------------------------------
+    def _fail(self, item: _Item, reason: str) -> None:
+        self._drop(reason)
+        item.error = (CancelledItemError("the request was cancelled before inference") if reason == "cancelled"
+                      else DeadlineExpiredError("the request's deadline passed before inference"))
+        item.done = True
+        item.wake.set()
 
     def _depth(self) -> None:
         if self._on_depth is not None:
-            self._on_depth(self._queue.qsize())
+            self._on_depth(len(self._queue))
 
     def _drop(self, reason: str) -> None:
         if self._on_drop is not None:
             self._on_drop(reason)
-
-    async def _collect(self) -> list[_Item]:
-        """Wait for one item, then take what is queued (waiting up to max_delay_s for more)."""
-        batch = [await self._queue.get()]
-        if self.max_delay_s > 0:
-            end = time.monotonic() + self.max_delay_s
-            while len(batch) < self.max_batch_size:
-                remaining = end - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
-        while len(batch) < self.max_batch_size and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        self._depth()
-        return batch
-
-    def _live(self, batch: list[_Item]) -> list[_Item]:
-        """Items still worth inferring: not cancelled, deadline not passed."""
-        now = time.monotonic()
-        live = []
-        for item in batch:
-            if item.future.done():  # the caller went away (cancelled)
-                self._drop("cancelled")
-            elif item.deadline is not None and now >= item.deadline:
-                self._drop("deadline")
-                item.future.set_exception(DeadlineExpiredError("the request's deadline passed before inference"))
-            else:
-                live.append(item)
-        return live
-
-    async def _run(self) -> None:
-        while True:
-            await self._slots.acquire()
-            try:
-                batch = self._live(await self._collect())
-            except BaseException:
-                self._slots.release()
-                raise
-            if not batch:
-                self._slots.release()
-                continue
-            task = asyncio.get_running_loop().create_task(self._predict(batch))
-            self._batch_tasks.add(task)
-            task.add_done_callback(self._batch_tasks.discard)
-
-    async def _predict(self, batch: list[_Item]) -> None:
-        try:
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
-            start = time.perf_counter()
-            try:
-                results = await self.predict([item.payload for item in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"predict returned {len(results)} results for {len(batch)} items")
-            except Exception as e:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
-                return
-            elapsed = time.perf_counter() - start
-            for item, result in zip(batch, results):
-                if not item.future.done():
-                    item.future.set_result((result, BatchInfo(len(batch), start - item.enqueued, elapsed)))
-        finally:
-            self._slots.release()

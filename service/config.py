@@ -37,9 +37,11 @@ class ServerConfig:
     ort_spin: bool = _f(False, "let ONNX Runtime threads spin between runs (dedicated machines)")
     max_batch_size: int = _f(8, "largest inference batch")
     max_queue_delay_ms: float = _f(0.0, "longest wait for a batch to fill (0: no added delay)")
+    max_arrival_wait_ms: float = _f(10.0, "longest wait of a batch for requests already being decoded "
+                                          "(never waits when none are)")
     max_queue_size: int = _f(256, "requests waiting for inference before RESOURCE_EXHAUSTED")
     max_concurrent_batches: int = _f(1, "inference batches run at the same time")
-    workers: int = _f(2, "threads for decoding and explaining")
+    workers: int = _f(2, "requests decoding or explaining at once (a CPU budget beside inference)")
     stream_concurrency: int = _f(32, "images of one ExplainStream call in flight at once")
     redis_url: str = _f(None, "Redis URL for the answer cache (e.g. redis://host:6379/0); "
                               "without one an in-process LRU is used")
@@ -73,8 +75,9 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.runtime == "torchserve" and not self.torchserve_address:
             raise ValueError("--runtime torchserve needs --torchserve-address HOST:PORT")
-        if self.max_queue_delay_ms < 0:
-            raise ValueError("--max-queue-delay-ms must not be negative")
+        for name in ("max_queue_delay_ms", "max_arrival_wait_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

@@ -1,14 +1,20 @@
 """The gRPC explanation server (``grpc.aio``), KServe-style: servicer, one error interceptor, health,
 reflection, graceful drain.
 
-A request goes through hooks, LitServe-style:
+A request goes through hooks, LitServe-style, all in one worker thread (one hop off the event
+loop and back: on a 5 ms model every thread hand-off is a visible share of the latency):
 
-    decode   (worker thread)   image bytes -> model input (3, S, S) float32, image size and crop
-    batch    (event loop)      BatchQueue: concurrent requests share one inference
-    predict  (inference thread) runtime.run(batch) -> features (N, C, H, W), logits (N, K)
+    cache    (event loop)      hit: answered here, no thread at all
+    decode                     image bytes -> model input (3, S, S) float32, image size and crop
+    batch                      BatchQueue: concurrent requests share one inference; the thread of
+                               the oldest request leads the batch, the others wait for it
+    predict  (leader's thread) runtime.run(batch) -> features (N, C, H, W), logits (N, K)
     unbatch                    per-request views features[i], logits[i] (no copies)
-    explain  (worker thread)   Explainer.explain for the requested classes only
-    encode   (worker thread)   protobuf bytes; heatmaps and prototypes only when asked for
+    explain                    Explainer.explain for the requested classes only
+    encode                     protobuf bytes; heatmaps and prototypes only when asked for
+
+Decode and explain+encode run at most ``workers`` at a time (a CPU budget, so they do not crowd
+out inference's own threads); threads that wait for a batch hold no CPU.
 
 Answers are cached as serialized ExplainResponse bytes *without* timings; the timings of the
 request and ``cache_hit`` are appended as a second serialized ExplainResponse (protobuf merges
@@ -27,6 +33,7 @@ import hmac
 import inspect
 import logging
 import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,7 +45,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from ..v1 import explain_service_pb2 as pb
-from .batcher import BatchQueue, DeadlineExpiredError, QueueFullError
+from .batcher import BatchQueue, CancelledItemError, ClosedError, DeadlineExpiredError, QueueFullError, Ticket
 from .bundle import Bundle, load_bundle
 from .cache import cache_key, make_cache
 from .config import ServerConfig
@@ -47,7 +54,7 @@ from .explain import Explainer, top_predictions
 from .html import overlay_png, raw_grid
 from .metrics import Metrics
 from .preprocess import ImageError, preprocess
-from .runtime import Runtime, create_runtime
+from .runtime import Runtime, create_runtime, single_threaded_blas
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +86,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, UnavailableError):
+    if isinstance(exc, (UnavailableError, ClosedError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, CancelledItemError):
+        return grpc.StatusCode.CANCELLED, str(exc)
     if isinstance(exc, (DeadlineExpiredError, asyncio.TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer was ready"
     ref = uuid.uuid4().hex[:12]
@@ -512,9 +521,11 @@ class ExplainServer:
         self.model: ServingModel | None = None
         self._bundle, self._runtime = bundle, runtime
         self._draining = False
-        self._workers = concurrent.futures.ThreadPoolExecutor(config.workers, thread_name_prefix="cl-work")
-        self._inference = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_batches,
-                                                                thread_name_prefix="cl-infer")
+        # One thread per request in the pipeline: enough for a running batch and a full next one
+        # on every batch slot; more admitted requests wait for a thread in the pool's queue.
+        threads = 2 * config.max_batch_size * config.max_concurrent_batches + config.workers
+        self._pipeline = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cl-req")
+        self._cpu = threading.BoundedSemaphore(config.workers)  # decodes and explanations at once
         self.cache = None
         self.batcher: BatchQueue | None = None
         self.health = health.aio.HealthServicer()
@@ -524,6 +535,7 @@ class ExplainServer:
         self._stopped = asyncio.Event()
         # requests past the cache at once: the queue, the running batches, and as many decoding
         self._admitted = 0
+        self._admitted_lock = threading.Lock()  # decremented in the request's thread
         self._admission_limit = config.max_queue_size + 2 * config.max_batch_size * config.max_concurrent_batches
 
     # --- lifecycle ---
@@ -557,7 +569,7 @@ class ExplainServer:
         log.info("listening on %s (port %d)%s; loading %s", address, self.port,
                  f", metrics on :{self.metrics_port}" if self.metrics_port else "", cfg.bundle)
         try:
-            self.model = await asyncio.get_running_loop().run_in_executor(self._inference, self._load)
+            self.model = await asyncio.get_running_loop().run_in_executor(self._pipeline, self._load)
         except BaseException:
             await self.server.stop(0)
             self.metrics.stop()
@@ -568,8 +580,8 @@ class ExplainServer:
         self.batcher = BatchQueue(self._predict, max_batch_size=max_batch,
                                   max_delay_s=cfg.max_queue_delay_ms / 1000.0, max_queue_size=cfg.max_queue_size,
                                   max_concurrent_batches=cfg.max_concurrent_batches,
+                                  max_arrival_wait_s=cfg.max_arrival_wait_ms / 1000.0,
                                   on_batch=self.metrics.batch, on_depth=self.metrics.depth, on_drop=self.metrics.drop)
-        self.batcher.start()
         self.cache = make_cache(cfg.redis_url, cfg.cache_size, cfg.cache_ttl_s, cfg.redis_timeout_ms / 1000.0,
                                 cfg.redis_retry_s, metrics=self.metrics)
         b = self.model.bundle
@@ -585,6 +597,7 @@ class ExplainServer:
 
     def _load(self) -> ServingModel:
         cfg = self.config
+        single_threaded_blas()
         bundle = self._bundle or load_bundle(cfg.bundle, verify=not cfg.no_verify)
         runtime = self._runtime or create_runtime(
             cfg.runtime, bundle.model_path, device=cfg.device, intra_op_threads=cfg.intra_op_threads,
@@ -615,12 +628,11 @@ class ExplainServer:
         if self.server is not None:
             await self.server.stop(grace)
         if self.batcher is not None:
-            await self.batcher.close()
+            self.batcher.close()
         if self.cache is not None:
             await self.cache.close()
         self.metrics.stop()
-        self._workers.shutdown(wait=False, cancel_futures=True)
-        self._inference.shutdown(wait=False, cancel_futures=True)
+        self._pipeline.shutdown(wait=False, cancel_futures=True)
         if self.model is not None:
             self.model.runtime.close()
         self._stopped.set()
@@ -651,10 +663,10 @@ class ExplainServer:
             raise UnavailableError("the model is still loading; retry when health says SERVING")
         return self.model
 
-    async def _predict(self, inputs: list[np.ndarray]):
-        loop = asyncio.get_running_loop()
+    def _predict(self, inputs: list[np.ndarray]):
+        """The batcher's predict, in the thread of the batch's leader."""
         start = time.perf_counter()
-        out = await loop.run_in_executor(self._inference, self.model.infer, inputs)
+        out = self.model.infer(inputs)
         self.metrics.stage("inference", time.perf_counter() - start)
         return out
 
@@ -677,7 +689,7 @@ class ExplainServer:
             options = request.options.SerializeToString(deterministic=True)
             key_args = (self.config.cache_namespace, model.bundle.bundle_id, options, image)
             key = cache_key(*key_args) if len(image) < HASH_IN_THREAD_BYTES else \
-                await loop.run_in_executor(self._workers, cache_key, *key_args)
+                await loop.run_in_executor(self._pipeline, cache_key, *key_args)
             hit = await self.cache.get(key)
             t_cache = time.perf_counter() - start
             metrics.stage("cache", t_cache)
@@ -690,29 +702,61 @@ class ExplainServer:
             metrics.drop("queue_full")
             raise QueueFullError(f"the server is busy: {self._admitted} requests are already being served; "
                                  f"retry later")
-        self._admitted += 1
+        with self._admitted_lock:
+            self._admitted += 1
         metrics.inflight.inc()
+        ticket = Ticket()
+        job = self._pipeline.submit(self._serve, model, image, plan, deadline, ticket)
         try:
-            t0 = time.perf_counter()
-            x, info = await loop.run_in_executor(self._workers, model.decode, image)
-            t_decode = time.perf_counter() - t0
+            body, timings = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            ticket.cancel()  # the thread drops the request if it has not reached inference yet
+            if job.cancelled():  # it never started: nothing in it will release its place
+                self._release()
+            raise
+        if key is not None:
+            self.cache.put(key, body)
+        timings.cache_seconds = t_cache
+        timings.total_seconds = time.perf_counter() - start
+        return body + pb.ExplainResponse(timings=timings).SerializeToString()
+
+    def _release(self) -> None:
+        """A request left the pipeline (any thread)."""
+        with self._admitted_lock:
+            self._admitted -= 1
+        self.metrics.inflight.dec()
+
+    def _serve(self, model: ServingModel, image: bytes, plan: Plan, deadline: float | None,
+               ticket: Ticket) -> tuple[bytes, pb.Timings]:
+        """decode -> batch -> predict -> explain -> encode, in one worker thread.
+
+        Returns the serialized answer (without timings) and the timings of its stages.
+        """
+        metrics, batcher = self.metrics, self.batcher
+        submitted = False
+        batcher.expect()  # a batch leader may wait for this request while it decodes
+        try:
+            if ticket.cancelled:
+                raise CancelledItemError("the request was cancelled before inference")
+            with self._cpu:
+                t0 = time.perf_counter()
+                x, info = model.decode(image)
+                t_decode = time.perf_counter() - t0
             metrics.stage("decode", t_decode)
-            (features, logits), batch = await self.batcher.submit(x, deadline)
+            submitted = True
+            (features, logits), batch = batcher.submit(x, deadline, ticket, expected=True)
             metrics.stage("queue", batch.queue_seconds)
-            body, t_explain, t_encode = await loop.run_in_executor(
-                self._workers, model.answer, features, logits, plan, info, metrics)
+            with self._cpu:
+                body, t_explain, t_encode = model.answer(features, logits, plan, info, metrics)
             metrics.stage("explain", t_explain)
             metrics.stage("encode", t_encode)
         finally:
-            self._admitted -= 1
-            metrics.inflight.dec()
-        if key is not None:
-            self.cache.put(key, body)
-        timings = pb.Timings(decode_seconds=t_decode, queue_seconds=batch.queue_seconds,
-                             inference_seconds=batch.predict_seconds, explain_seconds=t_explain,
-                             encode_seconds=t_encode, cache_seconds=t_cache,
-                             total_seconds=time.perf_counter() - start, batch_size=batch.size)
-        return body + pb.ExplainResponse(timings=timings).SerializeToString()
+            if not submitted:
+                batcher.unexpect()
+            self._release()
+        return body, pb.Timings(decode_seconds=t_decode, queue_seconds=batch.queue_seconds,
+                                inference_seconds=batch.predict_seconds, explain_seconds=t_explain,
+                                encode_seconds=t_encode, batch_size=batch.size)
 
     # --- RPCs ---
     async def Explain(self, request: pb.ExplainRequest, context) -> bytes:
@@ -772,7 +816,7 @@ class ExplainServer:
     async def GetClassConcepts(self, request: pb.GetClassConceptsRequest, context):
         model = self._ready()
         if request.prototype_format == pb.PROTOTYPE_FORMAT_JPEG:
-            return await asyncio.get_running_loop().run_in_executor(self._workers, model.class_concepts, request)
+            return await asyncio.get_running_loop().run_in_executor(self._pipeline, model.class_concepts, request)
         return model.class_concepts(request)
 
     async def ListClasses(self, request: pb.ListClassesRequest, context):

@@ -1,149 +1,205 @@
-"""The dynamic batcher with a fake predict: batching, bounded queue, deadlines, cancellation, errors."""
+"""The dynamic batcher with a fake predict: batching in the callers' threads, announced arrivals,
+bounded queue, deadlines, cancellation, errors."""
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conceptlens.service.batcher import BatchQueue, DeadlineExpiredError, QueueFullError
+from conceptlens.service.batcher import (BatchQueue, CancelledItemError, ClosedError, DeadlineExpiredError,
+                                         QueueFullError, Ticket)
+
+WAIT = 10  # seconds a test waits for something that should happen at once; failing means a hang
 
 
 class FakePredict:
-    """Doubles each payload; records batches; can be held until released."""
+    """Doubles each payload; records batches and the threads that ran them; can be held."""
 
     def __init__(self, hold: bool = False):
         self.batches: list[list] = []
-        self.gate = asyncio.Event()
+        self.threads: list[int] = []
+        self.gate = threading.Event()
         if not hold:
             self.gate.set()
-        self.entered = asyncio.Event()
+        self.entered = threading.Event()
         self.fail: Exception | None = None
 
-    async def __call__(self, payloads):
+    def __call__(self, payloads):
         self.batches.append(list(payloads))
+        self.threads.append(threading.get_ident())
         self.entered.set()
-        await self.gate.wait()
+        assert self.gate.wait(WAIT)
         if self.fail is not None:
             raise self.fail
         return [p * 2 for p in payloads]
 
 
-async def test_concurrent_requests_share_batches_and_keep_their_results():
-    predict = FakePredict(hold=True)
-    q = BatchQueue(predict, max_batch_size=4)
-    tasks = [asyncio.create_task(q.submit(i)) for i in range(10)]
-    await predict.entered.wait()  # the first item is in predict; the other 9 wait
-    await asyncio.sleep(0)
-    predict.gate.set()
-    results = await asyncio.gather(*tasks)
-    assert [r for r, _ in results] == [2 * i for i in range(10)]
-    sizes = [len(b) for b in predict.batches]
-    assert sum(sizes) == 10 and max(sizes) <= 4 and max(sizes) > 1
-    assert all(info.size == len(next(b for b in predict.batches if i in b)) for i, (_, info) in enumerate(results))
-    await q.close()
+def wait_for(condition) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
 
 
-async def test_no_added_delay_a_lone_request_runs_alone():
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(32) as p:
+        yield p
+
+
+def test_a_lone_request_runs_at_once_in_its_own_thread():
     predict = FakePredict()
     q = BatchQueue(predict, max_batch_size=8, max_delay_s=0.0)
-    result, info = await q.submit(3)
+    result, info = q.submit(3)
     assert result == 6 and info.size == 1
-    assert predict.batches == [[3]]
-    await q.close()
+    assert predict.batches == [[3]] and predict.threads == [threading.get_ident()]
 
 
-async def test_max_delay_waits_for_the_batch_to_fill():
+def test_concurrent_requests_share_batches_and_keep_their_results(pool):
+    predict = FakePredict(hold=True)
+    q = BatchQueue(predict, max_batch_size=4)
+    first = pool.submit(q.submit, 0)
+    assert predict.entered.wait(WAIT)  # item 0 is in predict; the next 9 queue up
+    rest = [pool.submit(q.submit, i) for i in range(1, 10)]
+    wait_for(lambda: q.depth == 9)
+    predict.gate.set()
+    results = [f.result(WAIT) for f in [first, *rest]]
+    assert [r for r, _ in results] == [2 * i for i in range(10)]
+    sizes = [len(b) for b in predict.batches]
+    assert sizes[0] == 1 and sum(sizes) == 10 and max(sizes) == 4
+    assert all(info.size == len(next(b for b in predict.batches if i in b)) for i, (_, info) in enumerate(results))
+    assert len(set(predict.threads)) > 1  # the lead passed from thread to thread
+
+
+def test_max_delay_waits_for_the_batch_to_fill(pool):
     predict = FakePredict()
-    q = BatchQueue(predict, max_batch_size=2, max_delay_s=5.0)
-    first = asyncio.create_task(q.submit(1))
-    await asyncio.sleep(0.01)
-    second = asyncio.create_task(q.submit(2))
-    assert [r for r, _ in await asyncio.gather(first, second)] == [2, 4]
-    assert predict.batches == [[1, 2]]  # filled before the delay ran out
-    await q.close()
+    q = BatchQueue(predict, max_batch_size=2, max_delay_s=30.0)
+    first = pool.submit(q.submit, 1)
+    wait_for(lambda: q.depth == 1)
+    second = pool.submit(q.submit, 2)
+    assert [first.result(WAIT)[0], second.result(WAIT)[0]] == [2, 4]
+    assert predict.batches == [[1, 2]]  # filled long before the delay ran out
 
 
-async def test_full_queue_raises_at_once():
+def test_a_batch_waits_for_announced_requests_and_only_for_them(pool):
+    predict = FakePredict()
+    q = BatchQueue(predict, max_batch_size=4, max_arrival_wait_s=30.0)
+    q.expect()  # a request is decoding
+    first = pool.submit(q.submit, 1)
+    wait_for(lambda: q.depth == 1)
+    assert not predict.batches  # the leader waits for the announced request
+    second = pool.submit(q.submit, 2, expected=True)
+    assert [first.result(WAIT)[0], second.result(WAIT)[0]] == [2, 4]
+    assert predict.batches == [[1, 2]]
+    q.expect()
+    third = pool.submit(q.submit, 3)
+    wait_for(lambda: q.depth == 1)
+    q.unexpect()  # its decode failed: the batch goes without it
+    assert third.result(WAIT)[0] == 6 and predict.batches[-1] == [3]
+
+
+def test_full_queue_raises_at_once(pool):
     predict = FakePredict(hold=True)
     drops = []
     q = BatchQueue(predict, max_batch_size=1, max_queue_size=2, on_drop=drops.append)
-    running = asyncio.create_task(q.submit(0))
-    await predict.entered.wait()  # item 0 left the queue for predict
-    waiting = [asyncio.create_task(q.submit(i)) for i in (1, 2)]
-    await asyncio.sleep(0)
+    running = pool.submit(q.submit, 0)
+    assert predict.entered.wait(WAIT)  # item 0 left the queue for predict
+    waiting = [pool.submit(q.submit, i) for i in (1, 2)]
+    wait_for(lambda: q.depth == 2)
     with pytest.raises(QueueFullError):
-        await q.submit(3)
+        q.submit(3)
     assert drops == ["queue_full"]
     predict.gate.set()
-    assert [r for r, _ in await asyncio.gather(running, *waiting)] == [0, 2, 4]
-    await q.close()
+    assert [f.result(WAIT)[0] for f in (running, *waiting)] == [0, 2, 4]
 
 
-async def test_expired_requests_are_dropped_before_inference():
+def test_expired_requests_are_dropped_before_inference(pool):
     predict = FakePredict(hold=True)
     drops = []
     q = BatchQueue(predict, max_batch_size=4, on_drop=drops.append)
-    running = asyncio.create_task(q.submit(0))
-    await predict.entered.wait()
-    doomed = asyncio.create_task(q.submit(7, deadline=time.monotonic() + 0.05))
-    fine = asyncio.create_task(q.submit(8, deadline=time.monotonic() + 60))
-    await asyncio.sleep(0.1)
-    predict.gate.set()
+    running = pool.submit(q.submit, 0)
+    assert predict.entered.wait(WAIT)
+    doomed = pool.submit(q.submit, 7, time.monotonic() + 0.05)
+    fine = pool.submit(q.submit, 8, time.monotonic() + 60)
     with pytest.raises(DeadlineExpiredError):
-        await doomed
-    assert (await fine)[0] == 16 and (await running)[0] == 0
+        doomed.result(WAIT)  # the waiting thread gives up by itself, while the batch still runs
+    predict.gate.set()
+    assert fine.result(WAIT)[0] == 16 and running.result(WAIT)[0] == 0
     assert all(7 not in b for b in predict.batches)
     assert drops == ["deadline"]
     with pytest.raises(DeadlineExpiredError):  # already past at submit
-        await q.submit(9, deadline=time.monotonic() - 1)
-    await q.close()
+        q.submit(9, deadline=time.monotonic() - 1)
 
 
-async def test_cancelled_requests_are_dropped_before_inference():
+def test_cancelled_requests_are_dropped_before_inference(pool):
     predict = FakePredict(hold=True)
     drops = []
     q = BatchQueue(predict, max_batch_size=4, on_drop=drops.append)
-    running = asyncio.create_task(q.submit(0))
-    await predict.entered.wait()
-    gone = asyncio.create_task(q.submit(5))
-    await asyncio.sleep(0)
-    gone.cancel()
-    stays = asyncio.create_task(q.submit(6))
-    await asyncio.sleep(0)
+    running = pool.submit(q.submit, 0)
+    assert predict.entered.wait(WAIT)
+    ticket = Ticket()
+    gone = pool.submit(q.submit, 5, None, ticket)
+    wait_for(lambda: q.depth == 1)
+    ticket.cancel()
+    with pytest.raises(CancelledItemError):
+        gone.result(WAIT)
+    stays = pool.submit(q.submit, 6)
     predict.gate.set()
-    assert (await stays)[0] == 12 and (await running)[0] == 0
+    assert stays.result(WAIT)[0] == 12 and running.result(WAIT)[0] == 0
     assert all(5 not in b for b in predict.batches)
     assert drops == ["cancelled"]
-    await q.close()
+    cancelled_early = Ticket()
+    cancelled_early.cancel()
+    with pytest.raises(CancelledItemError):
+        q.submit(1, ticket=cancelled_early)
 
 
-async def test_a_failing_batch_fails_its_items_and_the_queue_goes_on():
+def test_a_failing_batch_fails_its_items_and_the_queue_goes_on():
     predict = FakePredict()
     predict.fail = RuntimeError("model exploded")
     q = BatchQueue(predict, max_batch_size=4)
     with pytest.raises(RuntimeError, match="exploded"):
-        await q.submit(1)
+        q.submit(1)
     predict.fail = None
-    assert (await q.submit(2))[0] == 4
-    await q.close()
+    assert q.submit(2)[0] == 4
 
 
-async def test_metric_hooks_see_batch_sizes_and_depth():
+def test_concurrent_batches_run_side_by_side(pool):
+    predict = FakePredict(hold=True)
+    q = BatchQueue(predict, max_batch_size=1, max_concurrent_batches=2)
+    a, b = pool.submit(q.submit, 1), pool.submit(q.submit, 2)
+    wait_for(lambda: len(predict.batches) == 2)  # both in predict while it is held
+    predict.gate.set()
+    assert sorted([a.result(WAIT)[0], b.result(WAIT)[0]]) == [2, 4]
+
+
+def test_metric_hooks_see_batch_sizes_and_depth(pool):
     predict = FakePredict(hold=True)
     sizes, depths = [], []
     q = BatchQueue(predict, max_batch_size=3, on_batch=sizes.append, on_depth=depths.append)
-    tasks = [asyncio.create_task(q.submit(i)) for i in range(4)]
-    await predict.entered.wait()
-    await asyncio.sleep(0)
+    first = pool.submit(q.submit, 0)
+    assert predict.entered.wait(WAIT)
+    rest = [pool.submit(q.submit, i) for i in range(1, 4)]
+    wait_for(lambda: q.depth == 3)
     predict.gate.set()
-    await asyncio.gather(*tasks)
-    assert sum(sizes) == 4 and max(depths) >= 1 and depths[-1] == 0
-    await q.close()
+    for f in (first, *rest):
+        f.result(WAIT)
+    assert sizes == [1, 3] and max(depths) == 3 and depths[-1] == 0
+
+
+def test_closed_queue_refuses_new_items():
+    q = BatchQueue(FakePredict(), max_batch_size=2)
+    q.close()
+    with pytest.raises(ClosedError):
+        q.submit(1)
 
 
 def test_rejects_bad_settings():
     with pytest.raises(ValueError):
-        BatchQueue(FakePredict, max_batch_size=0)
+        BatchQueue(FakePredict(), max_batch_size=0)
     with pytest.raises(ValueError):
-        BatchQueue(FakePredict, max_queue_size=0)
+        BatchQueue(FakePredict(), max_queue_size=0)
+    with pytest.raises(ValueError):
+        BatchQueue(FakePredict(), max_concurrent_batches=0)
