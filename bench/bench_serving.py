@@ -6,10 +6,16 @@ with random non-negative concept bases for all 1000 classes, which is fine for t
   1. bare ONNX Runtime on the already decoded tensor: batch-1 latency and batched throughput
      (batch = the server's max batch size), same session settings as the server;
   2. the server (`conceptlens serve`, a separate process, no cache): Explain and a plain
-     prediction (top_k = 0, same decode, same server) at batch 1 (one client, sequential), and
-     throughput with 16 concurrent clients;
+     prediction (top_k = 0, same decode, same server) at batch 1 (one client, sequential, the
+     shipped blocking client), and throughput with 16 concurrent clients (grpc.aio, one channel
+     each; the mean batch size comes from the server's /metrics);
   3. the server with a cache (Redis and the in-process LRU): a miss (new image) vs a hit (same
-     image again).
+     image again);
+  4. the floor under any Python gRPC service on this machine, measured, not assumed: a bare
+     grpc.aio server in its own process that answers the same request after one hop to a worker
+     thread (no decode, no model), and decoding + preprocessing the image alone. bare inference +
+     that round trip + decode over bare inference is the best Explain/bare latency ratio a
+     service that decodes JPEGs in Python can reach here.
 
 Printed: ratios, with the medians they come from. Goals (issue 3): Explain latency <= 1.10x bare
 inference; Explain throughput >= 0.9x bare batched inference; a cache hit >= 20x faster than a miss.
@@ -93,9 +99,10 @@ def median_ms(xs) -> float:
 
 class ServerProcess:
     def __init__(self, bundle: Path, args: argparse.Namespace, *extra: str):
-        self.port = free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         cmd = [sys.executable, "-m", "conceptlens.service.cli", "--log-level", "WARNING", "serve",
-               "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0",
+               "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port),
+               "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
                "--max-batch-size", str(args.max_batch_size), "--intra-op-threads", str(args.threads),
                "--workers", str(args.workers), *(["--ort-spin"] if args.spin else []), *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -155,8 +162,77 @@ class BareOnnx:
         self.rt.close()
 
 
+def _echo_server(port_queue) -> None:
+    """A bare grpc.aio server (no interceptors) whose Explain hops to a worker thread and answers
+    a fixed 1 KB reply: the round trip under any service of this shape."""
+    import concurrent.futures
+
+    import grpc
+
+    from conceptlens.service.server import SERVICE_NAME
+    from conceptlens.v1 import explain_service_pb2 as pb
+
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    reply = pb.ExplainResponse(bundle_id="x" * 1024).SerializeToString()  # about an answer's size
+
+    async def explain(request: bytes, context) -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(pool, len, request) and reply
+
+    async def main():
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Explain": grpc.unary_unary_rpc_method_handler(explain)}),))
+        port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+    asyncio.run(main())
+
+
+def floor_ms(images: list[bytes], preprocessing, count: int) -> tuple[float, float]:
+    """(median echo round trip, median decode + preprocess) in ms; see the module docstring."""
+    import multiprocessing as mp
+
+    from conceptlens.service.client import ExplainClient
+    from conceptlens.service.preprocess import preprocess
+    from conceptlens.v1 import explain_service_pb2 as pb
+
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    proc = ctx.Process(target=_echo_server, args=(ports,), daemon=True)
+    proc.start()
+    try:
+        with ExplainClient(f"127.0.0.1:{ports.get(timeout=60)}") as client:
+            requests = [pb.ExplainRequest(image=unique(images[i % len(images)])) for i in range(count + 10)]
+            echo = []
+            for i, request in enumerate(requests):
+                t = time.perf_counter()
+                client.stub.Explain(request)
+                if i >= 10:
+                    echo.append(time.perf_counter() - t)
+    finally:
+        proc.terminate()
+        proc.join(10)
+    decode = []
+    for i in range(count):
+        t = time.perf_counter()
+        preprocess(images[i % len(images)], preprocessing)
+        decode.append(time.perf_counter() - t)
+    return median_ms(echo), median_ms(decode)
+
+
+def mean_batch_size(metrics_port: int) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    total = float(re.search(r"^conceptlens_batch_size_sum (\S+)", text, re.M).group(1))
+    count = float(re.search(r"^conceptlens_batch_size_count (\S+)", text, re.M).group(1))
+    return total, count
+
+
 class Clients:
-    """grpc.aio clients of one server: a sequential caller and ``clients`` concurrent ones."""
+    """A sequential caller (the shipped blocking client) and ``clients`` concurrent grpc.aio ones."""
 
     def __init__(self, target: str, images: list[bytes], clients: int):
         import grpc
@@ -165,7 +241,11 @@ class Clients:
         from conceptlens.v1 import explain_service_pb2 as pb
         from conceptlens.v1 import explain_service_pb2_grpc as pb_grpc
 
+        from conceptlens.service.client import ExplainClient
+
         self.pb, self.images = pb, images
+        self.blocking = ExplainClient(target)
+        self.timings: list = []  # the server's stage timings of each sequential answer
         self.loop = asyncio.new_event_loop()
 
         async def connect():  # aio channels belong to the loop they are made in
@@ -177,16 +257,15 @@ class Clients:
 
     def sequential(self, options, count: int, fresh: bool = True, start: int = 0) -> list[float]:
         """Latencies of ``count`` requests one after the other (new image bytes each, unless not fresh)."""
-        async def run():
-            stub, out = self.stubs[0], []
-            for i in range(start, start + count):
-                image = unique(self.images[i % len(self.images)]) if fresh else self.images[0]
-                request = self.pb.ExplainRequest(image=image, options=options)
-                t = time.perf_counter()
-                await stub.Explain(request)
-                out.append(time.perf_counter() - t)
-            return out
-        return self.loop.run_until_complete(run())
+        stub, out = self.blocking.stub, []
+        for i in range(start, start + count):
+            image = unique(self.images[i % len(self.images)]) if fresh else self.images[0]
+            request = self.pb.ExplainRequest(image=image, options=options)
+            t = time.perf_counter()
+            answer = stub.Explain(request)
+            out.append(time.perf_counter() - t)
+            self.timings.append((out[-1], answer.timings))
+        return out
 
     def concurrent(self, options, total: int) -> float:
         """Images per second with all clients calling at once, each on its own channel."""
@@ -208,10 +287,12 @@ class Clients:
         for ch in self.channels:
             self.loop.run_until_complete(ch.close())
         self.loop.close()
+        self.blocking.close()
 
 
 def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
     """All measurements of one model, interleaved round by round so that load changes hit all alike."""
+    from conceptlens.service.bundle import load_bundle
     from conceptlens.v1 import explain_service_pb2 as pb
 
     explain = pb.ExplainOptions(top_k=1, prototypes_per_concept=0)  # top-1 class, all its concepts
@@ -223,8 +304,10 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
     clients = None
     lat = {"bare": [], "explain": [], "plain": []}
     thr = {"bare": [], "explain": [], "plain": []}
+    batches = {"explain": [0.0, 0.0], "plain": [0.0, 0.0]}
     try:
         clients = Clients(srv.target, images, args.clients)
+        stages = []
         for i in range(args.latency_requests):  # one of each, in rotating order: paired under the same load
             order = ("bare", "explain", "plain")[i % 3:] + ("bare", "explain", "plain")[:i % 3]
             for kind in order:
@@ -232,12 +315,19 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
                     lat["bare"] += bare.latencies(1, start=i)
                 else:
                     lat[kind] += clients.sequential(explain if kind == "explain" else plain, 1, start=i)
+                    if kind == "explain":
+                        stages.append(clients.timings[-1])
         per_round = max(args.max_batch_size, args.throughput_requests // args.rounds)
         for r in range(args.rounds):
             order = ("bare", "explain", "plain")[r % 3:] + ("bare", "explain", "plain")[:r % 3]
             for kind in order:
-                thr[kind].append(bare.throughput(per_round) if kind == "bare" else
-                                 clients.concurrent(explain if kind == "explain" else plain, per_round))
+                if kind == "bare":
+                    thr[kind].append(bare.throughput(per_round))
+                    continue
+                before = mean_batch_size(srv.metrics_port)
+                thr[kind].append(clients.concurrent(explain if kind == "explain" else plain, per_round))
+                after = mean_batch_size(srv.metrics_port)
+                batches[kind] = [batches[kind][0] + after[0] - before[0], batches[kind][1] + after[1] - before[1]]
     finally:
         if clients is not None:
             clients.close()
@@ -248,6 +338,14 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
     res["explain_latency_ms"], res["plain_latency_ms"] = median_ms(lat["explain"]), median_ms(lat["plain"])
     res["explain_throughput"] = statistics.median(thr["explain"])
     res["plain_throughput"] = statistics.median(thr["plain"])
+    med = lambda f: statistics.median(f(wall, t) for wall, t in stages) * 1e3  # noqa: E731
+    res["explain_stages_ms"] = {
+        "decode": med(lambda w, t: t.decode_seconds), "inference": med(lambda w, t: t.inference_seconds),
+        "explain": med(lambda w, t: t.explain_seconds), "encode": med(lambda w, t: t.encode_seconds),
+        "rest": med(lambda w, t: w - t.decode_seconds - t.inference_seconds - t.explain_seconds
+                    - t.encode_seconds)}
+    res["explain_mean_batch"] = batches["explain"][0] / max(batches["explain"][1], 1)
+    res["plain_mean_batch"] = batches["plain"][0] / max(batches["plain"][1], 1)
     res["ratios"] = {
         "explain_vs_bare_latency": paired(lat["explain"], lat["bare"]),
         "plain_vs_bare_latency": paired(lat["plain"], lat["bare"]),
@@ -256,6 +354,10 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
         "plain_vs_bare_throughput": paired(thr["plain"], thr["bare"]),
         "explain_vs_bare_throughput_rounds": [e / b for e, b in zip(thr["explain"], thr["bare"])],
     }
+    res["echo_ms"], res["decode_ms"] = floor_ms(images, load_bundle(bundle, verify=False).preprocessing,
+                                                args.latency_requests)
+    res["ratios"]["floor_vs_bare_latency"] = (res["bare"]["latency_ms"] + res["echo_ms"] + res["decode_ms"]) \
+        / res["bare"]["latency_ms"]
     for backend in args.cache_backends:
         print(f"[{name}] cache misses vs hits, {backend} ...", flush=True)
         extra = ["--redis-url", args.redis_url, "--cache-namespace", f"bench-{uuid.uuid4().hex[:8]}"] \
@@ -294,9 +396,17 @@ def report(results: list[dict], args) -> str:
     row("  Explain / bare latency   (goal <= 1.10)", q("explain_vs_bare_latency"))
     row("  plain / bare latency (serving overhead)", q("plain_vs_bare_latency"))
     row("  Explain / plain latency (explain cost)", q("explain_vs_plain_latency"))
+    row("  Explain stages: decode / inference (ms)", lambda r: "{decode:.2f} / {inference:.2f}".format(
+        **r["explain_stages_ms"]))
+    row("  explain / encode / rest: gRPC, hops (ms)", lambda r: "{explain:.2f} / {encode:.2f} / {rest:.2f}".format(
+        **r["explain_stages_ms"]))
+    row("floor: gRPC echo + 1 thread hop (ms)", lambda r: f"{r['echo_ms']:.2f}")
+    row("floor: decode + preprocess alone (ms)", lambda r: f"{r['decode_ms']:.2f}")
+    row("  (bare + echo + decode) / bare: best reachable", q("floor_vs_bare_latency"))
     row(f"bare ORT batch-{args.max_batch_size} throughput (img/s)", lambda r: f"{r['bare']['throughput']:.1f}")
     row(f"Explain throughput, {args.clients} clients (img/s)", lambda r: f"{r['explain_throughput']:.1f}")
     row(f"plain throughput, {args.clients} clients (img/s)", lambda r: f"{r['plain_throughput']:.1f}")
+    row("  mean batch size, Explain / plain", lambda r: f"{r['explain_mean_batch']:.1f} / {r['plain_mean_batch']:.1f}")
     row("  Explain / bare throughput (goal >= 0.90)", q("explain_vs_bare_throughput"))
     row("  plain / bare throughput", q("plain_vs_bare_throughput"))
     row("  Explain / bare throughput, min-max", lambda r: "{:.2f}-{:.2f}".format(
