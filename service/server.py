@@ -738,6 +738,9 @@ class ExplainServer:
         try:
             if ticket.cancelled:
                 raise CancelledItemError("the request was cancelled before inference")
+            if deadline is not None and time.monotonic() >= deadline:  # waited for a thread too long
+                metrics.drop("deadline")
+                raise DeadlineExpiredError("the request's deadline passed before inference")
             with self._cpu:
                 t0 = time.perf_counter()
                 x, info = model.decode(image)

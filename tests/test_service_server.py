@@ -340,6 +340,8 @@ def test_expired_deadline_is_dropped_before_inference(tiny_bundle):
             text = srv.metrics_text()
             assert metric_value(text, "conceptlens_dropped_total") == 1  # cancelled or deadline
             assert metric_value(text, "conceptlens_batch_size_sum") == batches_before + 1  # expired never inferred
+            assert metric_value(text, "conceptlens_inflight_requests") == 0  # the dropped call gave its place back
+            assert srv.server._admitted == 0
     finally:
         runtime.gate.set()
         srv.stop()
