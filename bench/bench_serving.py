@@ -94,6 +94,16 @@ def unique(image: bytes) -> bytes:
     return image + b"\xff\xfe" + uuid.uuid4().bytes  # trailing bytes after EOI are ignored by decoders
 
 
+def timed_calls(call, args) -> list[tuple[float, object]]:
+    """(seconds, result) of ``call(a)`` for each of ``args``, one after the other."""
+    out = []
+    for a in args:
+        t = time.perf_counter()
+        result = call(a)
+        out.append((time.perf_counter() - t, result))
+    return out
+
+
 def median_ms(xs) -> float:
     return statistics.median(xs) * 1e3
 
@@ -144,13 +154,8 @@ class BareOnnx:
             self.rt.run(self.batch)
 
     def latencies(self, count: int, start: int = 0) -> list[float]:
-        out = []
-        for i in range(start, start + count):
-            x = self.xs[i % len(self.xs)][None]
-            t = time.perf_counter()
-            self.rt.run(x)
-            out.append(time.perf_counter() - t)
-        return out
+        inputs = [self.xs[i % len(self.xs)][None] for i in range(start, start + count)]
+        return [seconds for seconds, _ in timed_calls(self.rt.run, inputs)]
 
     def throughput(self, images: int) -> float:
         rounds = max(1, images // self.n)
@@ -218,13 +223,8 @@ class MinimalService:
         self.client = ExplainClient(f"127.0.0.1:{ports.get(timeout=300)}")
 
     def latencies(self, images: list[bytes], count: int, start: int = 0) -> list[float]:
-        out = []
-        for i in range(start, start + count):
-            request = self.pb.ExplainRequest(image=unique(images[i % len(images)]))
-            t = time.perf_counter()
-            self.client.stub.Explain(request)
-            out.append(time.perf_counter() - t)
-        return out
+        requests = [self.pb.ExplainRequest(image=unique(images[i % len(images)])) for i in range(start, start + count)]
+        return [seconds for seconds, _ in timed_calls(self.client.stub.Explain, requests)]
 
     def close(self) -> None:
         self.client.close()
@@ -257,7 +257,7 @@ class Clients:
 
         self.pb, self.images = pb, images
         self.blocking = ExplainClient(target)
-        self.timings: list = []  # the server's stage timings of each sequential answer
+        self.last: tuple = ()  # (seconds, the server's stage timings) of the last sequential answer
         self.loop = asyncio.new_event_loop()
 
         async def connect():  # aio channels belong to the loop they are made in
@@ -269,15 +269,11 @@ class Clients:
 
     def sequential(self, options, count: int, fresh: bool = True, start: int = 0) -> list[float]:
         """Latencies of ``count`` requests one after the other (new image bytes each, unless not fresh)."""
-        stub, out = self.blocking.stub, []
-        for i in range(start, start + count):
-            image = unique(self.images[i % len(self.images)]) if fresh else self.images[0]
-            request = self.pb.ExplainRequest(image=image, options=options)
-            t = time.perf_counter()
-            answer = stub.Explain(request)
-            out.append(time.perf_counter() - t)
-            self.timings.append((out[-1], answer.timings))
-        return out
+        requests = [self.pb.ExplainRequest(image=unique(self.images[i % len(self.images)]) if fresh
+                                           else self.images[0], options=options) for i in range(start, start + count)]
+        calls = timed_calls(self.blocking.stub.Explain, requests)
+        self.last = (calls[-1][0], calls[-1][1].timings)
+        return [seconds for seconds, _ in calls]
 
     def concurrent(self, options, total: int) -> float:
         """Images per second with all clients calling at once, each on its own channel."""
@@ -304,7 +300,6 @@ class Clients:
 
 def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
     """All measurements of one model, interleaved round by round so that load changes hit all alike."""
-    from conceptlens.service.bundle import load_bundle
     from conceptlens.v1 import explain_service_pb2 as pb
 
     explain = pb.ExplainOptions(top_k=1, prototypes_per_concept=0)  # top-1 class, all its concepts
@@ -332,7 +327,7 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
                 else:
                     lat[kind] += clients.sequential(explain if kind == "explain" else plain, 1, start=i)
                     if kind == "explain":
-                        stages.append(clients.timings[-1])
+                        stages.append(clients.last)
         per_round = max(args.max_batch_size, args.throughput_requests // args.rounds)
         for r in range(args.rounds):
             order = ("bare", "explain", "plain")[r % 3:] + ("bare", "explain", "plain")[:r % 3]

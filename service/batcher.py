@@ -91,14 +91,15 @@ class _Item(Generic[P]):
 class BatchQueue(Generic[P, R]):
     """Batches payloads for ``predict(payloads) -> results`` (one result per payload, same order).
 
-    ``predict`` is a plain function, called in the thread of the batch's leader. ``on_batch(size)``,
-    ``on_depth(depth)`` and ``on_drop(reason)`` are optional metric hooks.
+    ``predict`` is a plain function, called in the thread of the batch's leader. ``on_batch(size,
+    seconds)`` (after each predict, with its wall time), ``on_depth(depth)`` and ``on_drop(reason)``
+    are optional metric hooks.
     """
 
     def __init__(self, predict: Callable[[list[P]], Sequence[R]], max_batch_size: int = 8,
                  max_delay_s: float = 0.0, max_queue_size: int = 256, max_concurrent_batches: int = 1,
                  max_arrival_wait_s: float = 0.01,
-                 on_batch: Callable[[int], None] | None = None,
+                 on_batch: Callable[[int, float], None] | None = None,
                  on_depth: Callable[[int], None] | None = None,
                  on_drop: Callable[[str], None] | None = None):
         if max_batch_size < 1:
@@ -127,9 +128,14 @@ class BatchQueue(Generic[P, R]):
         return len(self._queue)
 
     # -- arrivals --------------------------------------------------------------------------------
-    def expect(self) -> None:
-        """Announce a request that will ``submit`` soon (its image is being decoded)."""
+    def expect(self, deadline: float | None = None, ticket: Ticket | None = None) -> None:
+        """Announce a request that will ``submit`` soon (its image is about to be decoded).
+
+        A request whose deadline already passed or whose ticket was cancelled is refused here,
+        before it costs a decode: DeadlineExpiredError or CancelledItemError.
+        """
         with self._lock:
+            self._refuse_dropped(deadline, ticket)
             self._expected += 1
 
     def unexpect(self) -> None:
@@ -156,21 +162,13 @@ class BatchQueue(Generic[P, R]):
         """
         item = _Item(payload, deadline, ticket)
         with self._lock:
-            if expected:
+            if expected:  # arrived (queued or refused below): a waiting leader stops waiting for it
                 self._expected = max(0, self._expected - 1)
-            if ticket is not None and ticket.cancelled:
                 self._arrived.notify_all()
-                self._drop("cancelled")
-                raise CancelledItemError("the request was cancelled before inference")
             if self._closed:
-                self._arrived.notify_all()
                 raise ClosedError("the server is shutting down")
-            if deadline is not None and time.monotonic() >= deadline:
-                self._arrived.notify_all()
-                self._drop("deadline")
-                raise DeadlineExpiredError("the request's deadline passed before inference")
+            self._refuse_dropped(deadline, ticket)
             if len(self._queue) >= self.max_queue_size:
-                self._arrived.notify_all()
                 self._drop("queue_full")
                 raise QueueFullError(f"the server is busy: {self.max_queue_size} requests are already "
                                      f"waiting for inference; retry later")
@@ -202,12 +200,11 @@ class BatchQueue(Generic[P, R]):
                 item.wake.clear()
                 if item.taken:  # in a running batch: its result is coming
                     continue
-                gone = item.ticket is not None and item.ticket.cancelled
-                expired = item.deadline is not None and time.monotonic() >= item.deadline
-                if gone or expired:
+                reason = _drop_reason(item.deadline, item.ticket)
+                if reason is not None:
                     self._queue.remove(item)
                     self._depth()
-                    self._fail(item, "cancelled" if gone else "deadline")
+                    self._fail(item, reason)
                     return
         self._lead(item)
 
@@ -243,10 +240,9 @@ class BatchQueue(Generic[P, R]):
             batch = []
             while self._queue and len(batch) < self.max_batch_size:
                 item = self._queue.popleft()
-                if item.ticket is not None and item.ticket.cancelled:
-                    self._fail(item, "cancelled")
-                elif item.deadline is not None and time.monotonic() >= item.deadline:
-                    self._fail(item, "deadline")
+                reason = _drop_reason(item.deadline, item.ticket)
+                if reason is not None:
+                    self._fail(item, reason)
                 else:
                     item.taken = True
                     batch.append(item)
@@ -254,31 +250,34 @@ class BatchQueue(Generic[P, R]):
             return batch
 
     def _run(self, batch: list[_Item]) -> None:
-        if self._on_batch is not None:
-            self._on_batch(len(batch))
         start = time.perf_counter()
+        results, error = None, None
         try:
             results = self.predict([item.payload for item in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"predict returned {len(results)} results for {len(batch)} items")
         except Exception as e:
-            with self._lock:
-                for item in batch:
-                    item.error, item.done = e, True
-                    item.wake.set()
-            return
+            error = e
         elapsed = time.perf_counter() - start
+        if self._on_batch is not None:
+            self._on_batch(len(batch), elapsed)
         with self._lock:
-            for item, result in zip(batch, results):
-                item.result = (result, BatchInfo(len(batch), start - item.enqueued, elapsed))
-                item.done = True
+            for i, item in enumerate(batch):
+                if error is None:
+                    item.result = (results[i], BatchInfo(len(batch), start - item.enqueued, elapsed))
+                item.error, item.done = error, True
                 item.wake.set()
 
     # -- helpers (called with the lock held) -----------------------------------------------------
+    def _refuse_dropped(self, deadline: float | None, ticket: Ticket | None) -> None:
+        reason = _drop_reason(deadline, ticket)
+        if reason is not None:
+            self._drop(reason)
+            raise _drop_error(reason)
+
     def _fail(self, item: _Item, reason: str) -> None:
         self._drop(reason)
-        item.error = (CancelledItemError("the request was cancelled before inference") if reason == "cancelled"
-                      else DeadlineExpiredError("the request's deadline passed before inference"))
+        item.error = _drop_error(reason)
         item.done = True
         item.wake.set()
 
@@ -289,3 +288,18 @@ class BatchQueue(Generic[P, R]):
     def _drop(self, reason: str) -> None:
         if self._on_drop is not None:
             self._on_drop(reason)
+
+
+def _drop_reason(deadline: float | None, ticket: Ticket | None) -> str | None:
+    """"cancelled", "deadline", or None for a request still worth inferring."""
+    if ticket is not None and ticket.cancelled:
+        return "cancelled"
+    if deadline is not None and time.monotonic() >= deadline:
+        return "deadline"
+    return None
+
+
+def _drop_error(reason: str) -> Exception:
+    if reason == "cancelled":
+        return CancelledItemError("the request was cancelled before inference")
+    return DeadlineExpiredError("the request's deadline passed before inference")

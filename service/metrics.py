@@ -87,8 +87,10 @@ class Metrics:
     def stage(self, stage: str, seconds: float) -> None:
         self._stages[stage].observe(seconds)
 
-    def batch(self, size: int) -> None:
+    def batch(self, size: int, seconds: float) -> None:
+        """One inference batch: its size and its wall time (stage "inference")."""
         self.batch_size.observe(size)
+        self._stages["inference"].observe(seconds)
 
     def depth(self, depth: int) -> None:
         self.queue_depth.set(depth)

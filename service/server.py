@@ -521,10 +521,11 @@ class ExplainServer:
         self.model: ServingModel | None = None
         self._bundle, self._runtime = bundle, runtime
         self._draining = False
-        # One thread per request in the pipeline: enough for a running batch and a full next one
-        # on every batch slot; more admitted requests wait for a thread in the pool's queue.
-        threads = 2 * config.max_batch_size * config.max_concurrent_batches + config.workers
-        self._pipeline = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cl-req")
+        # One thread per request in the pipeline: enough for a running batch and a full next one on
+        # every batch slot, plus the decoding ones; more admitted requests wait for a thread.
+        batching = 2 * config.max_batch_size * config.max_concurrent_batches
+        self._pipeline = concurrent.futures.ThreadPoolExecutor(batching + config.workers,
+                                                               thread_name_prefix="cl-req")
         self._cpu = threading.BoundedSemaphore(config.workers)  # decodes and explanations at once
         self.cache = None
         self.batcher: BatchQueue | None = None
@@ -536,7 +537,7 @@ class ExplainServer:
         # requests past the cache at once: the queue, the running batches, and as many decoding
         self._admitted = 0
         self._admitted_lock = threading.Lock()  # decremented in the request's thread
-        self._admission_limit = config.max_queue_size + 2 * config.max_batch_size * config.max_concurrent_batches
+        self._admission_limit = config.max_queue_size + batching
 
     # --- lifecycle ---
     async def start(self) -> int:
@@ -577,7 +578,7 @@ class ExplainServer:
         max_batch = cfg.max_batch_size
         if self.model.runtime.max_batch_size:
             max_batch = min(max_batch, self.model.runtime.max_batch_size)
-        self.batcher = BatchQueue(self._predict, max_batch_size=max_batch,
+        self.batcher = BatchQueue(self.model.infer, max_batch_size=max_batch,
                                   max_delay_s=cfg.max_queue_delay_ms / 1000.0, max_queue_size=cfg.max_queue_size,
                                   max_concurrent_batches=cfg.max_concurrent_batches,
                                   max_arrival_wait_s=cfg.max_arrival_wait_ms / 1000.0,
@@ -663,13 +664,6 @@ class ExplainServer:
             raise UnavailableError("the model is still loading; retry when health says SERVING")
         return self.model
 
-    def _predict(self, inputs: list[np.ndarray]):
-        """The batcher's predict, in the thread of the batch's leader."""
-        start = time.perf_counter()
-        out = self.model.infer(inputs)
-        self.metrics.stage("inference", time.perf_counter() - start)
-        return out
-
     @staticmethod
     def _deadline(context) -> float | None:
         remaining = context.time_remaining() if context is not None else None
@@ -733,20 +727,16 @@ class ExplainServer:
         Returns the serialized answer (without timings) and the timings of its stages.
         """
         metrics, batcher = self.metrics, self.batcher
-        submitted = False
-        batcher.expect()  # a batch leader may wait for this request while it decodes
+        announced = False  # between expect() and submit(): a batch leader may wait for it
         try:
-            if ticket.cancelled:
-                raise CancelledItemError("the request was cancelled before inference")
-            if deadline is not None and time.monotonic() >= deadline:  # waited for a thread too long
-                metrics.drop("deadline")
-                raise DeadlineExpiredError("the request's deadline passed before inference")
+            batcher.expect(deadline, ticket)  # refused if it waited for a thread past its deadline
+            announced = True
             with self._cpu:
                 t0 = time.perf_counter()
                 x, info = model.decode(image)
                 t_decode = time.perf_counter() - t0
             metrics.stage("decode", t_decode)
-            submitted = True
+            announced = False
             (features, logits), batch = batcher.submit(x, deadline, ticket, expected=True)
             metrics.stage("queue", batch.queue_seconds)
             with self._cpu:
@@ -754,7 +744,7 @@ class ExplainServer:
             metrics.stage("explain", t_explain)
             metrics.stage("encode", t_encode)
         finally:
-            if not submitted:
+            if announced:  # its decode failed
                 batcher.unexpect()
             self._release()
         return body, pb.Timings(decode_seconds=t_decode, queue_seconds=batch.queue_seconds,

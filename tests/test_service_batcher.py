@@ -43,6 +43,13 @@ def wait_for(condition) -> None:
         time.sleep(0.001)
 
 
+def hold_first(pool, q: BatchQueue, predict: FakePredict):
+    """Submit item 0 and wait until it is inside the held predict; returns its future."""
+    running = pool.submit(q.submit, 0)
+    assert predict.entered.wait(WAIT)
+    return running
+
+
 @pytest.fixture
 def pool():
     with ThreadPoolExecutor(32) as p:
@@ -60,8 +67,7 @@ def test_a_lone_request_runs_at_once_in_its_own_thread():
 def test_concurrent_requests_share_batches_and_keep_their_results(pool):
     predict = FakePredict(hold=True)
     q = BatchQueue(predict, max_batch_size=4)
-    first = pool.submit(q.submit, 0)
-    assert predict.entered.wait(WAIT)  # item 0 is in predict; the next 9 queue up
+    first = hold_first(pool, q, predict)
     rest = [pool.submit(q.submit, i) for i in range(1, 10)]
     wait_for(lambda: q.depth == 9)
     predict.gate.set()
@@ -104,8 +110,7 @@ def test_full_queue_raises_at_once(pool):
     predict = FakePredict(hold=True)
     drops = []
     q = BatchQueue(predict, max_batch_size=1, max_queue_size=2, on_drop=drops.append)
-    running = pool.submit(q.submit, 0)
-    assert predict.entered.wait(WAIT)  # item 0 left the queue for predict
+    running = hold_first(pool, q, predict)
     waiting = [pool.submit(q.submit, i) for i in (1, 2)]
     wait_for(lambda: q.depth == 2)
     with pytest.raises(QueueFullError):
@@ -119,8 +124,7 @@ def test_expired_requests_are_dropped_before_inference(pool):
     predict = FakePredict(hold=True)
     drops = []
     q = BatchQueue(predict, max_batch_size=4, on_drop=drops.append)
-    running = pool.submit(q.submit, 0)
-    assert predict.entered.wait(WAIT)
+    running = hold_first(pool, q, predict)
     doomed = pool.submit(q.submit, 7, time.monotonic() + 0.05)
     fine = pool.submit(q.submit, 8, time.monotonic() + 60)
     with pytest.raises(DeadlineExpiredError):
@@ -137,8 +141,7 @@ def test_cancelled_requests_are_dropped_before_inference(pool):
     predict = FakePredict(hold=True)
     drops = []
     q = BatchQueue(predict, max_batch_size=4, on_drop=drops.append)
-    running = pool.submit(q.submit, 0)
-    assert predict.entered.wait(WAIT)
+    running = hold_first(pool, q, predict)
     ticket = Ticket()
     gone = pool.submit(q.submit, 5, None, ticket)
     wait_for(lambda: q.depth == 1)
@@ -178,9 +181,9 @@ def test_concurrent_batches_run_side_by_side(pool):
 def test_metric_hooks_see_batch_sizes_and_depth(pool):
     predict = FakePredict(hold=True)
     sizes, depths = [], []
-    q = BatchQueue(predict, max_batch_size=3, on_batch=sizes.append, on_depth=depths.append)
-    first = pool.submit(q.submit, 0)
-    assert predict.entered.wait(WAIT)
+    q = BatchQueue(predict, max_batch_size=3, on_batch=lambda size, seconds: sizes.append(size),
+                   on_depth=depths.append)
+    first = hold_first(pool, q, predict)
     rest = [pool.submit(q.submit, i) for i in range(1, 4)]
     wait_for(lambda: q.depth == 3)
     predict.gate.set()

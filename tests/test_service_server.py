@@ -333,9 +333,9 @@ def test_expired_deadline_is_dropped_before_inference(tiny_bundle):
             first = c.stub.Explain.future(pb.ExplainRequest(image=IMAGE), timeout=30)
             assert runtime.entered.wait(10)
             assert code_of(lambda: c.explain(IMAGE, timeout=0.3)) == grpc.StatusCode.DEADLINE_EXCEEDED
-            batches_before = metric_value(srv.metrics_text(), "conceptlens_batch_size_count")
             runtime.gate.set()
             first.result()
+            batches_before = metric_value(srv.metrics_text(), "conceptlens_batch_size_count")  # the first's
             c.explain(IMAGE)  # the queue moved on
             text = srv.metrics_text()
             assert metric_value(text, "conceptlens_dropped_total") == 1  # cancelled or deadline
