@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast proto bench lint-proto clean
+.PHONY: demo test test-fast install proto bench lint-proto clean
 
 $(STAMP): pyproject.toml setup.py
 	@echo "installing into $(VENV) (torch's CUDA build is large: a minute or two)"

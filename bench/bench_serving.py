@@ -234,13 +234,12 @@ class MinimalService:
 
 def mean_batch_size(metrics_port: int) -> tuple[float, float]:
     """(sum, count) of the server's batch-size histogram."""
-    import re
     import urllib.request
 
+    from conceptlens.service.metrics import metric_value
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    total = float(re.search(r"^conceptlens_batch_size_sum (\S+)", text, re.M).group(1))
-    count = float(re.search(r"^conceptlens_batch_size_count (\S+)", text, re.M).group(1))
-    return total, count
+    return metric_value(text, "conceptlens_batch_size_sum"), metric_value(text, "conceptlens_batch_size_count")
 
 
 class Clients:

@@ -29,7 +29,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA  # noqa: E402
 
@@ -171,13 +169,9 @@ def throughput(clients: list, images: list[bytes], total: int) -> tuple[float, l
 
 
 # -- the run --------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_service(bundle: Path, batch: int, log) -> tuple[subprocess.Popen, str]:
+    from conceptlens.handlers.ts_process import free_port
     from conceptlens.service.client import ExplainClient
 
     port = free_port()

@@ -80,7 +80,7 @@ def main() -> None:
         feats = np.stack([r.features for r in recs]).astype(np.float32)
         for method in args.methods:
             t = time.perf_counter()
-            basis = fit_basis(method, feats[train], k=args.k, class_id=cls, head_weight=hw, head_bias=hb, head_fn=None,
+            basis = fit_basis(method, feats[train], k=args.k, class_id=cls, head_weight=hw, head_bias=hb,
                               seed=0, device=torch.device("cpu"), params={"face_lambda": args.face_lambda})
             fit_time[method] += time.perf_counter() - t
             weights = concept_weights(basis, cls, hw, None, feats[train])

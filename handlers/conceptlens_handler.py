@@ -32,18 +32,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from pathlib import Path
 
+import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from conceptlens.handlers.ts_requests import RequestError, error_body, npy_bytes, parse_row
+from conceptlens.handlers.ts_requests import error_body, npy_bytes, parse_row
 from conceptlens.handlers.worker_runtime import WorkerOnnxRuntime
 from conceptlens.service.bundle import load_bundle
 from conceptlens.service.config import ServerConfig
 from conceptlens.service.runtime import single_threaded_blas
-from conceptlens.service.server import ClassNotFoundError, ServingModel
+from conceptlens.service.server import ServingModel, status_for
 from conceptlens.v1 import explain_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,11 @@ BUNDLE_DIR = "bundle"  # where the archive keeps the bundle, relative to the mod
 JSON = "application/json"
 NPY = "application/octet-stream"
 OPTIONS_HEADER = "x-conceptlens-options"
+
+
+HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
+               grpc.StatusCode.RESOURCE_EXHAUSTED: 503, grpc.StatusCode.UNAVAILABLE: 503,
+               grpc.StatusCode.DEADLINE_EXCEEDED: 504}
 
 
 class ConceptLensHandler:
@@ -114,7 +119,7 @@ class ConceptLensHandler:
             return out
         inputs = [x for p in pending for x in p[2]]  # views, one per image
         t = time.perf_counter()
-        outputs = self._infer(inputs)
+        outputs = model.infer(inputs)
         t_infer = time.perf_counter() - t
         row = 0
         for i, kind, x, plan, info, t_decode in pending:
@@ -138,13 +143,6 @@ class ConceptLensHandler:
                 out[i] = self._error(context, i, e)
         return out
 
-    def _infer(self, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One forward pass over every image of the batch (in chunks only for a fixed-batch model)."""
-        fixed = self.model.runtime.max_batch_size
-        if not fixed or len(inputs) <= fixed:
-            return self.model.infer(inputs)
-        return [o for s in range(0, len(inputs), fixed) for o in self.model.infer(inputs[s:s + fixed])]
-
     @staticmethod
     def _ok(context, i: int, body, content_type: str):
         context.set_response_content_type(i, content_type)
@@ -152,15 +150,11 @@ class ConceptLensHandler:
 
     @staticmethod
     def _error(context, i: int, exc: BaseException) -> str:
-        """Status and JSON body for a request that failed; never a stack trace to the client."""
-        if isinstance(exc, (ClassNotFoundError, KeyError)):
-            code, message = 404, str(exc.args[0]) if exc.args else "class not found"
-        elif isinstance(exc, (RequestError, ValueError)):  # ImageError is a ValueError
-            code, message = 400, str(exc)
-        else:
-            ref = uuid.uuid4().hex[:12]
-            log.error("conceptlens handler: internal error (ref %s)", ref, exc_info=exc)
-            code, message = 500, f"internal error (ref {ref}); the model log has the details"
+        """Status and JSON body for a request that failed; never a stack trace to the client.
+
+        The service's own mapping (:func:`status_for`) decides, in HTTP terms."""
+        status, message = status_for(exc)
+        code = HTTP_STATUS.get(status, 500)
         phrase = " ".join(message.split())[:200].encode("ascii", "replace").decode()  # one HTTP reason line
         context.set_response_status(code, phrase, i)
         context.set_response_content_type(i, JSON)

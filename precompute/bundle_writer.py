@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..service.bundle import (SCHEMA_VERSION, Preprocessing, compute_bundle_id, sha256_file)
+from ..service.bundle import (SCHEMA_VERSION, Preprocessing, atomic_write_json, compute_bundle_id, publish_dir,
+                              sha256_file)
 
 
 def write_bundle(out: str | os.PathLike, *, model_onnx: str | os.PathLike, model_info: dict,
@@ -69,23 +70,11 @@ def write_bundle(out: str | os.PathLike, *, model_onnx: str | os.PathLike, model
             "files": files,
             **(extra or {}),
         }
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, out)
+        atomic_write_json(tmp / "manifest.json", manifest)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

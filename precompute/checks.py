@@ -22,8 +22,7 @@ from PIL import Image
 
 from ..service.explain import Explainer, softmax
 from .evaluate import served_codes
-from .features import Record
-from .prototypes import CropPool, top_crops
+from .prototypes import CropPool, crop_jpeg, top_crops
 
 
 def gini(x: np.ndarray) -> float:
@@ -106,7 +105,6 @@ def stitch(crops: list[bytes], size: int) -> Image.Image:
 def stitched_test(pool: CropPool, basis: np.ndarray, cid: int, forward, normalize: Callable, size: int,
                   class_names: list[str]) -> dict:
     """Model prediction on the stitched top crops, with and without crops of images predicted as ``cid``."""
-    from .prototypes import crop_jpeg
 
     out = {}
     for label, exclude in (("", None), ("_excluding_class", cid)):
@@ -125,7 +123,7 @@ def stitched_test(pool: CropPool, basis: np.ndarray, cid: int, forward, normaliz
     return out
 
 
-def most_confused(records: list[Record], logits: np.ndarray, cid: int, candidates: set[int]) -> int | None:
+def most_confused(logits: np.ndarray, cid: int, candidates: set[int]) -> int | None:
     """The class (among ``candidates``) with the most second-place finishes on the class's images."""
     second = np.argsort(-logits, axis=1)[:, 1]
     counts = {}

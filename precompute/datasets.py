@@ -95,6 +95,7 @@ def _iter_tar(shard: Path) -> Iterator[tuple[str, bytes, int | None]]:
                 log.warning("%s: sample %s has an unreadable label", shard.name, key)
         return key, img, label
 
+    samples = 0
     try:
         with tarfile.open(shard, "r:*") as tar:
             for member in tar:
@@ -107,11 +108,12 @@ def _iter_tar(shard: Path) -> Iterator[tuple[str, bytes, int | None]]:
                     for k in list(pending):
                         out = flush(k)
                         if out:
+                            samples += 1
                             yield out
                 f = tar.extractfile(member)
                 pending.setdefault(key, {})[ext] = f.read() if f else b""
     except (tarfile.TarError, OSError, EOFError) as e:
-        log.warning("%s is damaged after %d samples: %s", shard, 0, e)
+        log.warning("%s is damaged after %d samples: %s", shard, samples, e)
     for k in list(pending):
         out = flush(k)
         if out:

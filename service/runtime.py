@@ -11,7 +11,6 @@ import ctypes
 import glob
 import logging
 import os
-import threading
 from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -143,7 +142,6 @@ class OnnxRuntime:
         dim0 = inputs[0].shape[0]
         self.max_batch_size = dim0 if isinstance(dim0, int) and dim0 > 0 else None
         self._outputs = ["features", "logits"]
-        self._lock = threading.Lock()
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """batch (N, 3, S, S) float32 C-contiguous -> (features (N, C, H, W), logits (N, K))."""

@@ -312,11 +312,15 @@ class ServingModel:
         return x, info
 
     def infer(self, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Batch the inputs, run the model, and split the outputs into per-request views."""
+        """Batch the inputs, run the model, and split the outputs into per-request views.
+
+        A model exported with a fixed batch size gets padded batches, in chunks when there are more."""
+        fixed = self.runtime.max_batch_size
+        if fixed and len(inputs) > fixed:
+            return [o for s in range(0, len(inputs), fixed) for o in self.infer(inputs[s:s + fixed])]
         n = len(inputs)
         batch = inputs[0][None] if n == 1 else np.stack(inputs)
-        fixed = self.runtime.max_batch_size
-        if fixed and fixed > n:  # a model exported with a fixed batch size: pad
+        if fixed and fixed > n:  # pad
             batch = np.concatenate([batch, np.zeros((fixed - n, *batch.shape[1:]), batch.dtype)])
         features, logits = self.runtime.run(batch)
         return [(features[i], logits[i]) for i in range(n)]
@@ -325,13 +329,9 @@ class ServingModel:
                metrics: Metrics) -> tuple[bytes, float, float]:
         """(serialized ExplainResponse without timings, explain seconds, encode seconds)."""
         t0 = time.perf_counter()
-        preds = top_predictions(logits, self.names, plan.predictions)
-        if plan.classes is not None:
-            cids = plan.classes
-        elif plan.top_k <= len(preds):
-            cids = [p.class_id for p in preds[:plan.top_k]]
-        else:
-            cids = [p.class_id for p in top_predictions(logits, self.names, plan.top_k)]
+        ranked = top_predictions(logits, self.names, max(plan.predictions, 0 if plan.classes is not None else plan.top_k))
+        cids = plan.classes if plan.classes is not None else [p.class_id for p in ranked[:plan.top_k]]
+        preds = ranked[:plan.predictions]
         heatmaps = plan.heatmap in (RAW, PNG)
         explained = [self.explainer.explain(features, logits, cid, contrast=plan.contrast,
                                             with_heatmaps=heatmaps) if cid in self.bundle.classes else cid
@@ -361,7 +361,10 @@ class ServingModel:
             msg.contrast_class_id, msg.contrast_class_name = ex.contrast_class, self.names[ex.contrast_class]
         kept = ex.concepts[:plan.max_concepts] if plan.max_concepts else ex.concepts
         msg.omitted_contribution = float(sum(c.contribution for c in ex.concepts[len(kept):]))
-        crop = (info.crop.x0, info.crop.y0, info.crop.x1, info.crop.y1)
+        if plan.heatmap == PNG:  # overlays at image size (long side capped), the crop scaled alike
+            f = min(1.0, MAX_OVERLAY_SIDE / max(info.width, info.height))
+            size = (max(1, round(info.width * f)), max(1, round(info.height * f)))
+            crop = tuple(round(v * f) for v in (info.crop.x0, info.crop.y0, info.crop.x1, info.crop.y1))
         for c in kept:
             cm = msg.concepts.add(concept_id=c.concept, presence=c.presence, weight=c.weight,
                                   contribution=c.contribution)
@@ -371,9 +374,7 @@ class ServingModel:
                 cm.heatmap.format, cm.heatmap.height, cm.heatmap.width = RAW, h, w
                 cm.heatmap.scale, cm.heatmap.data = scale, data
             elif plan.heatmap == PNG:
-                f = min(1.0, MAX_OVERLAY_SIDE / max(info.width, info.height))
-                size = (max(1, round(info.width * f)), max(1, round(info.height * f)))
-                data, top = overlay_png(c.heatmap, size, tuple(round(v * f) for v in crop))
+                data, top = overlay_png(c.heatmap, size, crop)
                 cm.heatmap.format, cm.heatmap.width, cm.heatmap.height = PNG, size[0], size[1]
                 cm.heatmap.scale, cm.heatmap.data = top, data
             for ref in c.prototypes[:plan.prototypes]:
@@ -416,10 +417,7 @@ class ServingModel:
         n = request.prototypes_per_concept if request.HasField("prototypes_per_concept") else None
         if n is not None and n < 0:
             raise ValueError("prototypes_per_concept must not be negative")
-        if self.linear:
-            weights = cc.basis @ self.bundle.head_weight[cid]
-        else:
-            weights = cc.weights
+        weights = self.explainer.concept_weights(cid)
         norms = np.linalg.norm(cc.basis, axis=1)
         resp = pb.GetClassConceptsResponse(bundle_id=self.bundle.bundle_id, class_id=cid, class_name=cc.name,
                                            method=cc.method, flags=cc.flags)
@@ -538,6 +536,7 @@ class ExplainServer:
         self._admitted = 0
         self._admitted_lock = threading.Lock()  # decremented in the request's thread
         self._admission_limit = config.max_queue_size + batching
+        self.metrics.inflight.set_function(lambda: self._admitted)
 
     # --- lifecycle ---
     async def start(self) -> int:
@@ -698,7 +697,6 @@ class ExplainServer:
                                  f"retry later")
         with self._admitted_lock:
             self._admitted += 1
-        metrics.inflight.inc()
         ticket = Ticket()
         job = self._pipeline.submit(self._serve, model, image, plan, deadline, ticket)
         try:
@@ -718,7 +716,6 @@ class ExplainServer:
         """A request left the pipeline (any thread)."""
         with self._admitted_lock:
             self._admitted -= 1
-        self.metrics.inflight.dec()
 
     def _serve(self, model: ServingModel, image: bytes, plan: Plan, deadline: float | None,
                ticket: Ticket) -> tuple[bytes, pb.Timings]:

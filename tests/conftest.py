@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# the service fixtures (tiny_bundle, redis_server), registered once so session-scoped ones are built once
+pytest_plugins = ["service_conftest"]
+
 def _find_data() -> Path:
     """../shared/data beside the checkout (or CONCEPTLENS_DATA); /work/shared/data for clones elsewhere."""
     if os.environ.get("CONCEPTLENS_DATA"):

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conceptlens.service.metrics import metric_value  # noqa: F401  (the tests import it from here)
+
 TINY_CLASSES = [f"thing{i}" for i in range(8)] + ["lonely", "empty"]
 TINY_C = 8
 
@@ -194,18 +196,6 @@ class ServerThread:
             self.call(self.server.stop(grace))
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
-
-
-def metric_value(text: str, name: str, **labels) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == str(v) for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def png_declaring(width: int, height: int) -> bytes:

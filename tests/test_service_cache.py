@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service_conftest import free_port, redis_server  # noqa: F401  (fixture)
+from service_conftest import free_port
 
 from conceptlens.service.cache import MemoryCache, RedisCache, cache_key, make_cache
 

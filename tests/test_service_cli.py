@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from service_conftest import ServerThread, free_port, jpeg_bytes, tiny_bundle  # noqa: F401  (fixture)
+from service_conftest import ServerThread, free_port, jpeg_bytes
 
 from conceptlens.service import cli, serve_cli
 from conceptlens.service.client import ExplainClient

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from service_conftest import (ServerThread, bad_inputs, cmyk_jpeg_bytes, free_port, jpeg_bytes, metric_value,
-                              png16_bytes, tiny_bundle)  # noqa: F401  (fixture)
+                              png16_bytes)
 
 from conceptlens.service.bundle import load_bundle
 from conceptlens.service.client import ExplainClient, heatmap_array, identity_gap

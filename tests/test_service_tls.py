@@ -6,7 +6,7 @@ import subprocess
 
 import grpc
 import pytest
-from service_conftest import ServerThread, jpeg_bytes, tiny_bundle  # noqa: F401  (fixture)
+from service_conftest import ServerThread, jpeg_bytes
 
 from conceptlens.service.client import ExplainClient
 from conceptlens.service.config import ServerConfig

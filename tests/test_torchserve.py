@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from conftest import cifar_test_jpegs
 from google.protobuf import json_format
-from service_conftest import ServerThread, free_port, jpeg_bytes, tiny_bundle  # noqa: F401  (fixture)
+from service_conftest import ServerThread, free_port, jpeg_bytes
 
 from conceptlens.handlers.conceptlens_handler import ConceptLensHandler
 from conceptlens.handlers.ts_requests import npy_bytes, read_npys
