@@ -35,13 +35,15 @@ def gini(x: np.ndarray) -> float:
 
 
 def concept_curves(explainer: Explainer, cid: int, feats: np.ndarray, head_weight, head_bias,
-                   head_fn: Callable | None) -> dict:
-    """Deletion/insertion curves, C-Del, C-Ins, C-Gini, U-Spr and accuracy on reconstructions."""
+                   head_fn: Callable | None, codes: np.ndarray | None = None) -> dict:
+    """Deletion/insertion curves, C-Del, C-Ins, C-Gini, U-Spr and accuracy on reconstructions
+    (``codes``: the served codes (N, HW, k) of ``feats`` when already at hand)."""
     if len(feats) == 0:
         return {}
     feats = feats.astype(np.float32)
     proj = explainer.projector(cid)
-    codes = served_codes(explainer, cid, feats)  # (N, HW, k)
+    if codes is None:
+        codes = served_codes(explainer, cid, feats)  # (N, HW, k)
     n, c, h, w = feats.shape
     k = codes.shape[2]
     weights = explainer.bundle.classes[cid].weights

@@ -9,14 +9,11 @@ Metrics on a set of images of the class (held out from fitting unless said other
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ..service.bundle import Bundle, ClassConcepts, Preprocessing
-from ..service.explain import Explainer
-
-HeadFn = Callable[[np.ndarray], np.ndarray]
+from ..service.explain import Explainer, HeadFn
 
 
 def single_class_explainer(class_names: list[str], class_id: int, basis: np.ndarray, weights: np.ndarray,
@@ -42,10 +39,14 @@ def served_codes(explainer: Explainer, class_id: int, features: np.ndarray) -> n
     return proj.project(v).reshape(n, h * w, -1)
 
 
-def reconstruct(explainer: Explainer, class_id: int, features: np.ndarray) -> np.ndarray:
-    """Served reconstructions S P of features (N, C, H, W), same shape, float32."""
+def reconstruct(explainer: Explainer, class_id: int, features: np.ndarray,
+                codes: np.ndarray | None = None) -> np.ndarray:
+    """Served reconstructions S P of features (N, C, H, W), same shape, float32 (``codes``: their
+    served codes when already at hand)."""
     n, c, h, w = features.shape
-    recon = served_codes(explainer, class_id, features) @ explainer.projector(class_id).basis  # (N, HW, C)
+    if codes is None:
+        codes = served_codes(explainer, class_id, features)
+    recon = codes @ explainer.projector(class_id).basis  # (N, HW, C)
     return recon.transpose(0, 2, 1).reshape(n, c, h, w)
 
 
@@ -59,12 +60,13 @@ def logits_of(features: np.ndarray, head_weight: np.ndarray | None, head_bias: n
 
 def evaluate_class(explainer: Explainer, class_id: int, features: np.ndarray,
                    head_weight: np.ndarray | None, head_bias: np.ndarray | None,
-                   head_fn: HeadFn | None = None) -> dict:
-    """Metrics of the class basis on images ``features`` (N, C, H, W) float32."""
+                   head_fn: HeadFn | None = None, codes: np.ndarray | None = None) -> dict:
+    """Metrics of the class basis on images ``features`` (N, C, H, W) float32 (``codes``: their
+    served codes when already at hand)."""
     if len(features) == 0:
         return {}
     features = features.astype(np.float32)
-    recon = reconstruct(explainer, class_id, features)
+    recon = reconstruct(explainer, class_id, features, codes)
     true = logits_of(features, head_weight, head_bias, head_fn)
     rec = logits_of(recon, head_weight, head_bias, head_fn)
     err = float(np.linalg.norm(features - recon) / (np.linalg.norm(features) + 1e-12))

@@ -351,10 +351,11 @@ class Job:
         basis = fit(feats[train])
         weights = concept_weights(basis, cls, hw, hfn, feats[train])
         explainer = single_class_explainer(self.model.class_names, cls, basis, weights, hw, hb, hfn, cfg.method)
-        eval_feats = feats[held] if n_held else feats[train]
-        metrics = {"train": evaluate_class(explainer, cls, feats[train], hw, hb, hfn),
-                   "held_out": evaluate_class(explainer, cls, feats[held], hw, hb, hfn)}
-        metrics["held_out" if n_held else "train"].update(concept_curves(explainer, cls, eval_feats, hw, hb, hfn))
+        parts = {"train": feats[train], "held_out": feats[held]}
+        codes = {part: served_codes(explainer, cls, f) for part, f in parts.items() if len(f)}  # projected once
+        metrics = {part: evaluate_class(explainer, cls, f, hw, hb, hfn, codes.get(part)) for part, f in parts.items()}
+        curves_on = "held_out" if n_held else "train"
+        metrics[curves_on].update(concept_curves(explainer, cls, parts[curves_on], hw, hb, hfn, codes[curves_on]))
         metrics["stability"] = stability(fit, feats[train], basis, cfg.stability_folds, cfg.seed)
         pre = self.model.preprocessing
         metrics["stitched"] = stitched_test(pool, basis, cls, self._forward(), lambda im: normalize(im, pre),

@@ -54,6 +54,7 @@ class Metrics:
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self._stages = {s: self.stage_seconds.labels(s) for s in STAGES}
         self._rpc_children: dict[tuple[str, str], tuple] = {}
+        self._class_children: dict[int, tuple] = {}  # class id -> its presence and residual series
         self.batch_size = Histogram("conceptlens_batch_size", "Items per inference batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("conceptlens_queue_depth", "Items waiting for an inference batch", registry=r)
@@ -111,11 +112,16 @@ class Metrics:
         """Record one explained class: presence per concept (indexed by concept id) and residuals."""
         if not self.concept_metrics:
             return
-        cid = str(class_id)
-        for j, p in enumerate(presences):
-            self.presence.labels(cid, class_name, str(j)).observe(float(p))
-        self.residual.labels(cid, class_name).observe(residual)
-        self.relative_residual.labels(cid, class_name).observe(relative)
+        series = self._class_children.get(class_id)
+        if series is None or len(series[0]) != len(presences):  # labels() looked up once per class
+            cid = str(class_id)
+            series = self._class_children[class_id] = (
+                [self.presence.labels(cid, class_name, str(j)) for j in range(len(presences))],
+                self.residual.labels(cid, class_name), self.relative_residual.labels(cid, class_name))
+        for child, p in zip(series[0], presences):
+            child.observe(float(p))
+        series[1].observe(residual)
+        series[2].observe(relative)
 
     # -- exposition --------------------------------------------------------------------------
     def text(self) -> bytes:

@@ -74,7 +74,9 @@ def tiny_onnx(path: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return fc_w, fc_b
 
 
-def write_tiny_bundle(out: Path, seed: int = 0) -> Path:
+def write_tiny_bundle(out: Path, seed: int = 0, extra_tensors=None) -> Path:
+    """The tiny bundle (see the module docstring); ``extra_tensors(rng)`` may add tensors (samples,
+    contrast pairs) drawn from the same generator after the bases."""
     from conceptlens.precompute.bundle_writer import write_bundle
     from conceptlens.service.bundle import Preprocessing
 
@@ -100,6 +102,8 @@ def write_tiny_bundle(out: Path, seed: int = 0) -> Path:
                 refs.append({"file": rel, "source": f"train/{cid:03d}{j}{r}", "box": [0, 0, 32, 32],
                              "score": 0.9 - 0.1 * r})
             protos[cid].append(refs)
+    if extra_tensors is not None:
+        tensors.update(extra_tensors(rng))
     return write_bundle(out, model_onnx=onnx_path,
                         model_info={"name": "tiny-cnn", "sha256": "0" * 64, "layer": "relu",
                                     "feature_shape": [TINY_C, 7, 7], "num_classes": len(TINY_CLASSES)},
@@ -196,6 +200,14 @@ class ServerThread:
             self.call(self.server.stop(grace))
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+
+
+def assert_identity(resp) -> None:
+    """Every explanation of an ExplainResponse adds up: sum of contributions + residual + bias = logit."""
+    from conceptlens.service.client import identity_gap
+
+    for x in resp.explanations:
+        assert identity_gap(x) <= 1e-4 * max(1.0, abs(x.logit)), (x.class_name, identity_gap(x))
 
 
 def png_declaring(width: int, height: int) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from service_conftest import TINY_C, TINY_CLASSES, ServerThread, jpeg_bytes, metric_value, tiny_onnx
+from service_conftest import TINY_C, ServerThread, jpeg_bytes, metric_value, write_tiny_bundle
 
 from conceptlens.service.bundle import load_bundle
 from conceptlens.service.client import ExplainClient, identity_gap
@@ -119,32 +119,15 @@ def class_pixels(cid: int, n: int, seed: int = 0) -> np.ndarray:
 def write_contrast_bundle(out: Path, seed: int = 0, sampled=SAMPLED, precomputed=PRECOMPUTED,
                           n_samples: int = 200) -> Path:
     """The tiny bundle of service_conftest (classes 0-7 with 3 concepts) plus samples and one pair."""
-    from conceptlens.precompute.bundle_writer import write_bundle
-    from conceptlens.service.bundle import Preprocessing
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx_path = out.parent / f"tiny-contrast-{seed}.onnx"
-    fc_w, fc_b = tiny_onnx(onnx_path, seed)
-    rng = np.random.default_rng(seed + 1)
-    classes, tensors = {}, {}
-    for cid in range(8):
-        basis = np.abs(rng.standard_normal((3, TINY_C))).astype(np.float32)
-        tensors[f"basis/{cid}"] = basis
-        tensors[f"weights/{cid}"] = (basis @ fc_w[cid]).astype(np.float32)
-        classes[cid] = {"name": TINY_CLASSES[cid], "k": 3, "method": "nmf", "metrics": {}, "flags": []}
-    for cid in sampled:
-        tensors[f"samples/{cid}"] = class_pixels(cid, n_samples, seed)
-    if precomputed:
-        a, b = precomputed
-        tensors[f"contrast/{a}_{b}/basis"] = np.abs(rng.standard_normal((4, TINY_C))).astype(np.float32)
-        tensors[f"contrast/{a}_{b}/normal"] = rng.standard_normal(TINY_C).astype(np.float32)
-        tensors[f"contrast/{a}_{b}/offset"] = np.array([0.25], np.float32)
-    return write_bundle(out, model_onnx=onnx_path,
-                        model_info={"name": "tiny-cnn", "sha256": "0" * 64, "layer": "relu",
-                                    "feature_shape": [TINY_C, 7, 7], "num_classes": len(TINY_CLASSES)},
-                        class_names=TINY_CLASSES, preprocessing=Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3),
-                        head_weight=fc_w, head_bias=fc_b, head_onnx=None, classes=classes, tensors=tensors,
-                        prototypes={}, prototype_jpegs={}, method={"name": "nmf", "k": 3})
+    def extra(rng) -> dict:
+        tensors = {f"samples/{cid}": class_pixels(cid, n_samples, seed) for cid in sampled}
+        if precomputed:
+            a, b = precomputed
+            tensors[f"contrast/{a}_{b}/basis"] = np.abs(rng.standard_normal((4, TINY_C))).astype(np.float32)
+            tensors[f"contrast/{a}_{b}/normal"] = rng.standard_normal(TINY_C).astype(np.float32)
+            tensors[f"contrast/{a}_{b}/offset"] = np.array([0.25], np.float32)
+        return tensors
+    return write_tiny_bundle(out, seed, extra_tensors=extra)
 
 
 @pytest.fixture(scope="module")

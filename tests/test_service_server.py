@@ -14,11 +14,11 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from service_conftest import (ServerThread, bad_inputs, cmyk_jpeg_bytes, free_port, jpeg_bytes, metric_value,
+from service_conftest import (ServerThread, assert_identity, bad_inputs, cmyk_jpeg_bytes, free_port, jpeg_bytes, metric_value,
                               png16_bytes)
 
 from conceptlens.service.bundle import load_bundle
-from conceptlens.service.client import ExplainClient, heatmap_array, identity_gap
+from conceptlens.service.client import ExplainClient, heatmap_array
 from conceptlens.service.config import ServerConfig
 from conceptlens.service.explain import Explainer
 from conceptlens.service.preprocess import preprocess_bytes
@@ -54,11 +54,6 @@ def local(tiny_bundle):
         f, lg = runtime.run(x[None])
         return explainer.explain(f[0], lg[0], cid, contrast=contrast), lg[0]
     return explain
-
-
-def assert_identity(resp: pb.ExplainResponse) -> None:
-    for x in resp.explanations:
-        assert identity_gap(x) <= 1e-4 * max(1.0, abs(x.logit)), (x.class_name, identity_gap(x))
 
 
 def code_of(call) -> grpc.StatusCode:
