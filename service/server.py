@@ -8,7 +8,8 @@ loop and back: on a 5 ms model every thread hand-off is a visible share of the l
     decode                     image bytes -> model input (3, S, S) float32, image size and crop
     batch                      BatchQueue: concurrent requests share one inference; the thread of
                                the oldest request leads the batch, the others wait for it
-    predict  (leader's thread) runtime.run(batch) -> features (N, C, H, W), logits (N, K)
+    predict  (inference thread) runtime.run(batch) -> features (N, C, H, W), logits (N, K); the
+                               leader hands its batch to it and waits
     unbatch                    per-request views features[i], logits[i] (no copies)
     explain                    Explainer.explain for the requested classes only
     encode                     protobuf bytes; heatmaps and prototypes only when asked for
@@ -525,6 +526,11 @@ class ExplainServer:
         self._pipeline = concurrent.futures.ThreadPoolExecutor(batching + config.workers,
                                                                thread_name_prefix="cl-req")
         self._cpu = threading.BoundedSemaphore(config.workers)  # decodes and explanations at once
+        # The model runs on its own threads, one per batch slot: ONNX Runtime called from one
+        # steady thread served 5-10 % more images/s on EfficientNet-Lite0 here than called from
+        # whichever request thread leads the batch, at the same batch-1 latency (measured).
+        self._inference = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_batches,
+                                                                thread_name_prefix="cl-infer")
         self.cache = None
         self.batcher: BatchQueue | None = None
         self.health = health.aio.HealthServicer()
@@ -577,7 +583,7 @@ class ExplainServer:
         max_batch = cfg.max_batch_size
         if self.model.runtime.max_batch_size:
             max_batch = min(max_batch, self.model.runtime.max_batch_size)
-        self.batcher = BatchQueue(self.model.infer, max_batch_size=max_batch,
+        self.batcher = BatchQueue(self._predict, max_batch_size=max_batch,
                                   max_delay_s=cfg.max_queue_delay_ms / 1000.0, max_queue_size=cfg.max_queue_size,
                                   max_concurrent_batches=cfg.max_concurrent_batches,
                                   max_arrival_wait_s=cfg.max_arrival_wait_ms / 1000.0,
@@ -633,6 +639,7 @@ class ExplainServer:
             await self.cache.close()
         self.metrics.stop()
         self._pipeline.shutdown(wait=False, cancel_futures=True)
+        self._inference.shutdown(wait=False, cancel_futures=True)
         if self.model is not None:
             self.model.runtime.close()
         self._stopped.set()
@@ -662,6 +669,10 @@ class ExplainServer:
         if self.model is None or self.batcher is None:
             raise UnavailableError("the model is still loading; retry when health says SERVING")
         return self.model
+
+    def _predict(self, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The batcher's predict (in the leader's thread): the batch runs on the inference thread."""
+        return self._inference.submit(self.model.infer, inputs).result()
 
     @staticmethod
     def _deadline(context) -> float | None:
