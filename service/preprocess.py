@@ -3,6 +3,12 @@
 Resize the short side to ``resize``, center crop ``crop``, scale to [0, 1], normalize by mean/std,
 channels first. JPEG is decoded at reduced size (``draft``) when the image is much larger than
 needed, which is most of the decode cost for camera-sized photos.
+
+YCbCr and grayscale JPEGs are decoded by libjpeg-turbo's TurboJPEG API (``simplejpeg``) straight
+into a numpy array: the same library with the same settings as Pillow's decoder, so the same
+pixels (tested), in about 60 % of Pillow's time on ImageNet-sized photos. Everything else (PNG,
+WebP, CMYK JPEG, and any JPEG the fast path refuses) is decoded by Pillow, which then also decides
+what is an error.
 """
 from __future__ import annotations
 
@@ -13,10 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+try:
+    import simplejpeg
+except ImportError:  # a speed-up only: Pillow decodes the same pixels
+    simplejpeg = None
+
 from .bundle import Preprocessing
 
 DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard, width * height
 FORMATS = ("JPEG", "PNG", "WEBP")
+FAST_JPEG_COLORSPACES = ("YCbCr", "Gray")  # TurboJPEG converts these to RGB exactly as Pillow does
 
 
 class ImageError(ValueError):
@@ -48,8 +60,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: in
     if img.mode not in ("RGB", "L", "RGBA", "P", "LA", "CMYK", "I;16", "I;16B", "I;16L", "I", "YCbCr", "LAB"):
         raise ImageError(f"image mode {img.mode} is not supported")
     try:
-        if draft_to and img.format == "JPEG" and min(w, h) >= 2 * draft_to:
-            img.draft("RGB", (max(draft_to, w * draft_to // min(w, h)), max(draft_to, h * draft_to // min(w, h))))
+        if draft_to and img.format == "JPEG":
+            factor = draft_factor((w, h), draft_to)
+            if factor > 1:
+                img.draft("RGB", (w // factor, h // factor))  # Pillow picks this factor
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
@@ -58,6 +72,50 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: in
     rgb = to_rgb(img)
     rgb.info["declared_size"] = (w, h)  # before any reduced-size (draft) decode
     return rgb
+
+
+def draft_factor(size: tuple[int, int], draft_to: int | None) -> int:
+    """The JPEG reduced-size decode factor (1, 2, 4 or 8) for an image of ``size`` (w, h): the
+    largest that keeps the short side at least ``draft_to`` pixels."""
+    w, h = size
+    if not draft_to or min(w, h) < 2 * draft_to:
+        return 1
+    scale = min(w, h) // draft_to
+    return next(f for f in (8, 4, 2, 1) if f <= scale)
+
+
+def _decode_jpeg_fast(data: bytes, max_pixels: int, draft_to: int | None) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """(H, W, 3) uint8 RGB and the declared (w, h) of a YCbCr or grayscale JPEG, or None where Pillow
+    must decode it (not such a JPEG, or one TurboJPEG refuses: Pillow then decodes it or says why not)."""
+    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in FAST_JPEG_COLORSPACES or w <= 0 or h <= 0:
+        return None
+    if w * h > max_pixels:
+        raise ImageError(f"image declares {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+    factor = draft_factor((w, h), draft_to)
+    try:
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-w // factor),
+                                     min_height=-(-h // factor), min_factor=factor)
+    except ValueError:  # strict about recoverable damage, unlike Pillow: let Pillow judge
+        return None
+    return rgb, (w, h)
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: int | None = None
+               ) -> tuple[np.ndarray | Image.Image, tuple[int, int]]:
+    """Image bytes -> (RGB pixels: an (H, W, 3) uint8 array or an RGB PIL image, declared (w, h)).
+
+    As :func:`decode_image`, with the TurboJPEG fast path for ordinary JPEGs (same pixels)."""
+    fast = _decode_jpeg_fast(data, max_pixels, draft_to) if data else None
+    if fast is not None:
+        return fast
+    img = decode_image(data, max_pixels=max_pixels, draft_to=draft_to)
+    return img, img.info.get("declared_size", img.size)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -76,14 +134,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_crop(img: Image.Image, pre: Preprocessing) -> np.ndarray:
+def resize_crop(img: Image.Image | np.ndarray, pre: Preprocessing) -> np.ndarray:
     """Short side to ``pre.resize`` (bilinear), then the central ``pre.crop`` square: (crop, crop, 3) uint8.
 
-    The crop is a numpy view of the decoded pixels (cheaper than PIL's crop and conversion).
+    ``img``: an RGB PIL image or (H, W, 3) uint8 array. The crop is a numpy view of the pixels
+    (cheaper than PIL's crop and conversion).
     """
-    nw, nh, left, top = _resized_crop(img.size, pre)
-    if (nw, nh) != img.size:
-        img = img.resize((nw, nh), Image.BILINEAR)
+    size = (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else img.size
+    nw, nh, left, top = _resized_crop(size, pre)
+    if (nw, nh) != size:
+        img = (Image.fromarray(img) if isinstance(img, np.ndarray) else img).resize((nw, nh), Image.BILINEAR)
     return np.asarray(img)[top:top + pre.crop, left:left + pre.crop]
 
 
@@ -130,9 +190,8 @@ class Preprocessed:
 
 def preprocess(data: bytes, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> Preprocessed:
     """Bytes -> model input, the view it comes from, the image's size and the crop box."""
-    img = decode_image(data, max_pixels=max_pixels, draft_to=pre.resize)
-    size = img.info.get("declared_size", img.size)
-    view = resize_crop(img, pre)
+    pixels, size = decode_rgb(data, max_pixels=max_pixels, draft_to=pre.resize)
+    view = resize_crop(pixels, pre)
     return Preprocessed(normalize(view, pre), view, size, crop_box(size, pre))
 
 
