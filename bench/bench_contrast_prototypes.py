@@ -31,7 +31,7 @@ def main() -> None:
     from conceptlens.precompute.checks import attribution_pixels
     from conceptlens.precompute.features import Record
     from conceptlens.precompute.models import load_model
-    from conceptlens.precompute.prototypes import CropPool, top_crops
+    from conceptlens.precompute.prototypes import CropPool, crop_scores, top_crops
     from conceptlens.service.contrast import contrast_basis, fit_hyperplane
 
     feats, logits = lite0_activations(args.images)
@@ -61,7 +61,7 @@ def main() -> None:
     t = time.perf_counter()
     reps = 20
     for _ in range(reps):
-        top_crops(pool, basis, 8)
+        top_crops(pool, crop_scores(pool, basis), 8)
     score = (time.perf_counter() - t) / reps
     n = len(pool.image)
     rate = n / (build + score)

@@ -16,7 +16,8 @@ with random non-negative concept bases for all 1000 classes, which is fine for t
      same ONNX Runtime model at batch 1, a fixed reply; no batcher, explanation, metrics or
      cache), timed in the same interleaved rounds. minimal / bare is the best Explain/bare
      latency a Python service that decodes JPEGs can reach here; Explain / minimal is what
-     conceptlens itself adds.
+     conceptlens itself adds. The same process answers an echo (the request parsed, a fixed
+     reply, on the event loop): a gRPC round trip that does nothing, the floor under a cache hit.
 
 Printed: ratios, with the medians they come from. Goals (issue 3): Explain latency <= 1.10x bare
 inference; Explain throughput >= 0.9x bare batched inference; a cache hit >= 20x faster than a miss.
@@ -194,11 +195,15 @@ def _minimal_service(port_queue, bundle_dir: str, threads: int, spin: bool, devi
     async def explain(request, context) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(pool, infer, request)
 
+    async def echo(request, context) -> bytes:
+        return reply
+
     async def main():
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Explain": grpc.unary_unary_rpc_method_handler(
-                explain, request_deserializer=pb.ExplainRequest.FromString)}),))
+                explain, request_deserializer=pb.ExplainRequest.FromString),
+            "Echo": grpc.unary_unary_rpc_method_handler(echo, request_deserializer=pb.ExplainRequest.FromString)}),))
         port_queue.put(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         await server.wait_for_termination()
@@ -212,6 +217,7 @@ class MinimalService:
         import multiprocessing as mp
 
         from conceptlens.service.client import ExplainClient
+        from conceptlens.service.server import SERVICE_NAME
         from conceptlens.v1 import explain_service_pb2 as pb
 
         self.pb = pb
@@ -221,10 +227,12 @@ class MinimalService:
                                                                args.device), daemon=True)
         self.proc.start()
         self.client = ExplainClient(f"127.0.0.1:{ports.get(timeout=300)}")
+        self.echo = self.client.channel.unary_unary(f"/{SERVICE_NAME}/Echo", request_serializer=pb.ExplainRequest.SerializeToString,
+                                                    response_deserializer=pb.ExplainResponse.FromString)
 
-    def latencies(self, images: list[bytes], count: int, start: int = 0) -> list[float]:
+    def latencies(self, images: list[bytes], count: int, start: int = 0, echo: bool = False) -> list[float]:
         requests = [self.pb.ExplainRequest(image=unique(images[i % len(images)])) for i in range(start, start + count)]
-        return [seconds for seconds, _ in timed_calls(self.client.stub.Explain, requests)]
+        return [seconds for seconds, _ in timed_calls(self.echo if echo else self.client.stub.Explain, requests)]
 
     def close(self) -> None:
         self.client.close()
@@ -299,6 +307,14 @@ class Clients:
 
 def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
     """All measurements of one model, interleaved round by round so that load changes hit all alike."""
+    minimal = MinimalService(bundle, args)  # the floors: a minimal service and a gRPC echo
+    try:
+        return _measure(name, bundle, images, args, minimal)
+    finally:
+        minimal.close()
+
+
+def _measure(name: str, bundle: Path, images: list[bytes], args, minimal: MinimalService) -> dict:
     from conceptlens.v1 import explain_service_pb2 as pb
 
     explain = pb.ExplainOptions(top_k=1, prototypes_per_concept=0)  # top-1 class, all its concepts
@@ -307,18 +323,17 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
     bare = BareOnnx(bundle, images, args)
     print(f"[{name}] bare ONNX Runtime vs the server without cache, {args.rounds} interleaved rounds ...", flush=True)
     srv = ServerProcess(bundle, args, "--cache-size", "0")
-    clients, minimal = None, None
+    clients = None
     lat = {"bare": [], "explain": [], "plain": [], "minimal": []}
     thr = {"bare": [], "explain": [], "plain": []}
     batches = {"explain": [0.0, 0.0], "plain": [0.0, 0.0]}
     try:
         clients = Clients(srv.target, images, args.clients)
-        minimal = MinimalService(bundle, args)
         minimal.latencies(images, 5)
         stages = []
         kinds = ("bare", "explain", "plain", "minimal")
         for i in range(args.latency_requests):  # one of each, in rotating order: paired under the same load
-            for kind in kinds[i % 4:] + kinds[:i % 4]:
+            for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
                 if kind == "bare":
                     lat["bare"] += bare.latencies(1, start=i)
                 elif kind == "minimal":
@@ -341,8 +356,6 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
     finally:
         if clients is not None:
             clients.close()
-        if minimal is not None:
-            minimal.close()
         srv.stop()
         bare.close()
     paired = lambda a, b: statistics.median(x / y for x, y in zip(a, b))  # noqa: E731
@@ -374,19 +387,24 @@ def bench_model(name: str, bundle: Path, images: list[bytes], args) -> dict:
         extra = ["--redis-url", args.redis_url, "--cache-namespace", f"bench-{uuid.uuid4().hex[:8]}"] \
             if backend == "redis" else ["--cache-size", "4096"]
         srv = ServerProcess(bundle, args, *extra)
-        clients, miss, hit = None, [], []
+        clients, miss, hit, warm_hit, echo = None, [], [], [], []
         try:
             clients = Clients(srv.target, images, 1)
             clients.sequential(explain, 1, fresh=False)  # the image that will hit
             for i in range(args.cache_requests):  # alternating: paired under the same load
                 miss += clients.sequential(explain, 1, fresh=True, start=i)
                 hit += clients.sequential(explain, 1, fresh=False)
+            for i in range(args.cache_requests):  # hits back to back, paired with a gRPC echo
+                warm_hit += clients.sequential(explain, 1, fresh=False)
+                echo += minimal.latencies(images, 1, start=i, echo=True)
         finally:
             if clients is not None:
                 clients.close()
             srv.stop()
         res[f"{backend}_miss_ms"], res[f"{backend}_hit_ms"] = median_ms(miss), median_ms(hit)
+        res[f"{backend}_warm_hit_ms"], res[f"{backend}_echo_ms"] = median_ms(warm_hit), median_ms(echo)
         res["ratios"][f"{backend}_miss_vs_hit"] = statistics.median(m / h for m, h in zip(miss, hit))
+        res["ratios"][f"{backend}_miss_vs_echo"] = res[f"{backend}_miss_ms"] / res[f"{backend}_echo_ms"]
     return res
 
 
@@ -425,6 +443,9 @@ def report(results: list[dict], args) -> str:
     for backend in args.cache_backends:
         row(f"{backend} cache miss / hit (ms)", lambda r, b=backend: f"{r[f'{b}_miss_ms']:.2f} / {r[f'{b}_hit_ms']:.3f}")
         row(f"  {backend} miss / hit      (goal >= 20)", lambda r, b=backend: f"{r['ratios'][f'{b}_miss_vs_hit']:.1f}")
+        row(f"  {backend} hits back to back / gRPC echo (ms)",
+            lambda r, b=backend: f"{r[f'{b}_warm_hit_ms']:.3f} / {r[f'{b}_echo_ms']:.3f}")
+        row(f"  {backend} miss / echo (best a hit could do)", lambda r, b=backend: f"{r['ratios'][f'{b}_miss_vs_echo']:.1f}")
     lines += ["", "Ratios are medians of paired measurements (one of each kind in turn, same load); "
               "times are medians."]
     return "\n".join(lines)

@@ -131,8 +131,7 @@ class ConceptLensHandler:
                     out[i] = self._ok(context, i, body, NPY)
                     continue
                 features, logits = mine[0]
-                body, t_explain, t_encode = model.answer(features, logits, plan, info, _NO_METRICS)
-                answer = pb.ExplainResponse.FromString(body)
+                answer, t_explain, t_encode = model.answer_message(features, logits, plan, info, _NO_METRICS)
                 answer.timings.CopyFrom(pb.Timings(
                     decode_seconds=t_decode, inference_seconds=t_infer, explain_seconds=t_explain,
                     encode_seconds=t_encode, total_seconds=time.perf_counter() - start, batch_size=len(inputs)))

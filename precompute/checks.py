@@ -104,13 +104,15 @@ def stitch(crops: list[bytes], size: int) -> Image.Image:
     return canvas
 
 
-def stitched_test(pool: CropPool, basis: np.ndarray, cid: int, forward, normalize: Callable, size: int,
+def stitched_test(pool: CropPool, scores: np.ndarray, cid: int, forward, normalize: Callable, size: int,
                   class_names: list[str]) -> dict:
-    """Model prediction on the stitched top crops, with and without crops of images predicted as ``cid``."""
+    """Model prediction on the stitched top crops, with and without crops of images predicted as ``cid``.
+
+    ``scores``: the pool's :func:`~.prototypes.crop_scores` for the class's concepts."""
 
     out = {}
     for label, exclude in (("", None), ("_excluding_class", cid)):
-        picks = top_crops(pool, basis, 1, exclude_class=exclude)
+        picks = top_crops(pool, scores, 1, exclude_class=exclude)
         crops = [crop_jpeg(pool.records[pool.image[p[0]]], pool.boxes[p[0]]) for p in picks if p]
         if not crops:
             continue

@@ -29,7 +29,7 @@ from .datasets import Dataset, open_dataset
 from .evaluate import evaluate_class, logits_of, single_class_explainer
 from .features import Progress, Record, extract, load_part, save_part
 from .models import SplitModel, export_head_onnx, export_onnx, load_model
-from .prototypes import CropPool, cosine_scores, crop_jpeg, top_crops
+from .prototypes import CropPool, cosine_scores, crop_jpeg, crop_scores, top_crops
 
 log = logging.getLogger(__name__)
 
@@ -358,10 +358,12 @@ class Job:
         metrics[curves_on].update(concept_curves(explainer, cls, parts[curves_on], hw, hb, hfn, codes[curves_on]))
         metrics["stability"] = stability(fit, feats[train], basis, cfg.stability_folds, cfg.seed)
         pre = self.model.preprocessing
-        metrics["stitched"] = stitched_test(pool, basis, cls, self._forward(), lambda im: normalize(im, pre),
+        pool_scores = crop_scores(pool, basis)  # (n_crops, k), shared by the stitched test and prototypes
+        metrics["stitched"] = stitched_test(pool, pool_scores, cls, self._forward(), lambda im: normalize(im, pre),
                                             pre.crop, self.model.class_names)
-        crops = top_crops(pool, basis, cfg.prototypes, exclude_class=cls if cfg.prototypes_exclude_class else None)
-        scores = cosine_scores(pool, basis, crops)
+        crops = top_crops(pool, pool_scores, cfg.prototypes,
+                          exclude_class=cls if cfg.prototypes_exclude_class else None)
+        scores = cosine_scores(pool_scores, crops)
         tensors = {"basis": basis.astype(np.float32), "weights": weights.astype(np.float32)}
         # Contrast data: attribution-filtered pixels of the class (for pairs computed on request) and
         # the precomputed pair with the class the model confuses it with most.

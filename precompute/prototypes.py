@@ -8,6 +8,7 @@ model predicts as the class.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -25,6 +26,11 @@ class CropPool:
     image: np.ndarray  # (n_crops,) index into records
     boxes: np.ndarray  # (n_crops, 4) x0, y0, x1, y1 in view pixels
     records: list[Record]
+
+    @functools.cached_property
+    def predicted(self) -> np.ndarray:
+        """(n_images,) the model's predicted class of each pool image."""
+        return np.array([r.predicted for r in self.records])
 
     @classmethod
     def build(cls, records: list[Record], cells: int = 2, view_size: int = 224, margin: float = 0.15) -> "CropPool":
@@ -54,19 +60,28 @@ class CropPool:
         return cls(vec, image, boxes, records)
 
 
-def top_crops(pool: CropPool, basis: np.ndarray, m: int, exclude_class: int | None = None) -> list[list[int]]:
-    """Per concept (rows of ``basis`` (k, C)), indices of its top ``m`` crops, one per source image."""
+def crop_scores(pool: CropPool, basis: np.ndarray) -> np.ndarray:
+    """(n_crops, k) cosine similarity of every crop of the pool to each concept (rows of ``basis``
+    (k, C)). The one expensive product of prototype mining: computed once per class, shared by the
+    prototypes and the stitched tests."""
     if pool.vectors.size == 0:
-        return [[] for _ in range(basis.shape[0])]
+        return np.zeros((0, basis.shape[0]), np.float32)
     dirs = basis / (np.linalg.norm(basis, axis=1, keepdims=True) + 1e-12)
-    scores = pool.vectors @ dirs.T  # (n_crops, k)
+    return pool.vectors @ dirs.T
+
+
+def top_crops(pool: CropPool, scores: np.ndarray, m: int, exclude_class: int | None = None) -> list[list[int]]:
+    """Per concept (columns of ``scores``, from :func:`crop_scores`), indices of its top ``m``
+    crops, one per source image."""
+    k = scores.shape[1]
+    if pool.vectors.size == 0:
+        return [[] for _ in range(k)]
     allowed = np.ones(len(pool.image), bool)
     if exclude_class is not None:
-        pred = np.array([r.predicted for r in pool.records])
-        allowed = pred[pool.image] != exclude_class
+        allowed = pool.predicted[pool.image] != exclude_class
     out = []
     per_image = max(1, int(np.bincount(pool.image).max()))
-    for j in range(basis.shape[0]):
+    for j in range(k):
         col = np.where(allowed, scores[:, j], -np.inf)
         # m distinct images are among the top m * (crops per image) crops: partial sort only those.
         top = min(len(col), m * per_image)
@@ -92,6 +107,6 @@ def crop_jpeg(record: Record, box, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def cosine_scores(pool: CropPool, basis: np.ndarray, crops: list[list[int]]) -> list[list[float]]:
-    dirs = basis / (np.linalg.norm(basis, axis=1, keepdims=True) + 1e-12)
-    return [[float(pool.vectors[i] @ dirs[j]) for i in idx] for j, idx in enumerate(crops)]
+def cosine_scores(scores: np.ndarray, crops: list[list[int]]) -> list[list[float]]:
+    """The :func:`crop_scores` of each concept's chosen crops."""
+    return [[float(scores[i, j]) for i in idx] for j, idx in enumerate(crops)]

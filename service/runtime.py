@@ -104,6 +104,27 @@ def select_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def open_session(model_path: str | os.PathLike, providers: list, intra_op_threads: int = 0,
+                 inter_op_threads: int = 1, spin: bool = False):
+    """An ONNX Runtime InferenceSession with the settings every conceptlens runtime uses: all graph
+    optimizations, sequential execution, ``intra_op_threads`` (0: ORT picks, one per physical
+    core), no spinning between runs unless ``spin``. RuntimeSetupError when the model cannot load."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = max(0, int(intra_op_threads))
+    so.inter_op_num_threads = max(0, int(inter_op_threads))
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+    except Exception as e:
+        raise RuntimeSetupError(f"cannot load ONNX model {model_path}: {e}") from e
+
+
 class OnnxRuntime:
     """ONNX Runtime session of a two-output model (input "image", outputs "features", "logits").
 
@@ -115,23 +136,10 @@ class OnnxRuntime:
     name = "onnxruntime"
 
     def __init__(self, model_path: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0,
-                 inter_op_threads: int = 1, spin: bool = False):
-        import onnxruntime as ort
-
-        self.providers_requested = select_providers(device)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = max(0, int(intra_op_threads))
-        so.inter_op_num_threads = max(0, int(inter_op_threads))
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
-        so.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=so,
-                                                providers=self.providers_requested)
-        except Exception as e:
-            raise RuntimeSetupError(f"cannot load ONNX model {model_path}: {e}") from e
+                 inter_op_threads: int = 1, spin: bool = False, providers: list | None = None):
+        """``providers``: explicit ONNX Runtime providers (else chosen from ``device``)."""
+        self.providers_requested = providers if providers is not None else select_providers(device)
+        self.session = open_session(model_path, self.providers_requested, intra_op_threads, inter_op_threads, spin)
         self.providers = list(self.session.get_providers())
         inputs = self.session.get_inputs()
         outputs = [o.name for o in self.session.get_outputs()]

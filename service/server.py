@@ -55,7 +55,7 @@ from .explain import Explainer, top_predictions
 from .html import overlay_png, raw_grid
 from .metrics import Metrics
 from .preprocess import ImageError, preprocess
-from .runtime import Runtime, create_runtime, single_threaded_blas
+from .runtime import Runtime, create_runtime, open_session, select_providers, single_threaded_blas
 
 log = logging.getLogger(__name__)
 
@@ -247,12 +247,7 @@ class ServingModel:
     def _head_fn(bundle: Bundle, config: ServerConfig):
         if bundle.head_kind == "linear":
             return None
-        import onnxruntime as ort
-
-        from .runtime import select_providers
-
-        sess = ort.InferenceSession(str(bundle.root / bundle.manifest["model"]["head"]["file"]),
-                                    providers=select_providers(config.device))
+        sess = open_session(bundle.root / bundle.manifest["model"]["head"]["file"], select_providers(config.device))
         name = sess.get_inputs()[0].name
         return lambda f: sess.run(None, {name: np.ascontiguousarray(f, np.float32)})[0]
 
@@ -329,6 +324,16 @@ class ServingModel:
     def answer(self, features: np.ndarray, logits: np.ndarray, plan: Plan, info: pb.ImageInfo,
                metrics: Metrics) -> tuple[bytes, float, float]:
         """(serialized ExplainResponse without timings, explain seconds, encode seconds)."""
+        resp, t_explain, t_build = self.answer_message(features, logits, plan, info, metrics)
+        t = time.perf_counter()
+        body = resp.SerializeToString()
+        return body, t_explain, t_build + time.perf_counter() - t
+
+    def answer_message(self, features: np.ndarray, logits: np.ndarray, plan: Plan, info: pb.ImageInfo,
+                       metrics: Metrics) -> tuple[pb.ExplainResponse, float, float]:
+        """(ExplainResponse without timings, explain seconds, seconds building the message).
+
+        features (C, H, W) and logits (K,) of one image."""
         t0 = time.perf_counter()
         ranked = top_predictions(logits, self.names, max(plan.predictions, 0 if plan.classes is not None else plan.top_k))
         cids = plan.classes if plan.classes is not None else [p.class_id for p in ranked[:plan.top_k]]
@@ -350,8 +355,7 @@ class ServingModel:
                 for c in ex.concepts:
                     presence[c.concept] = c.presence
                 metrics.explanation(ex.class_id, ex.name, presence, ex.residual, ex.relative_residual)
-        body = resp.SerializeToString()
-        return body, t1 - t0, time.perf_counter() - t1
+        return resp, t1 - t0, time.perf_counter() - t1
 
     def _encode(self, msg: pb.ClassExplanation, ex, plan: Plan, info: pb.ImageInfo) -> None:
         msg.class_id, msg.class_name, msg.logit = ex.class_id, ex.name, ex.target
