@@ -9,8 +9,9 @@ with random non-negative concept bases for all 1000 classes, which is fine for t
      prediction (top_k = 0, same decode, same server) at batch 1 (one client, sequential, the
      shipped blocking client), and throughput with 16 concurrent clients (grpc.aio, one channel
      each; the mean batch size comes from the server's /metrics);
-  3. the server with a cache (Redis and the in-process LRU): a miss (new image) vs a hit (same
-     image again);
+  3. the server with a cache (Redis alone, i.e. a hit another replica cached, and the in-process
+     LRU, i.e. a hit this replica cached: with --redis-url the server runs both, LRU first): a
+     miss (new image) vs a hit (same image again);
   4. the floor under any Python gRPC service on this machine, measured, not assumed: a minimal
      grpc.aio service in its own process (one hop to a worker thread, decode + preprocess, the
      same ONNX Runtime model at batch 1, a fixed reply; no batcher, explanation, metrics or
@@ -384,7 +385,7 @@ def _measure(name: str, bundle: Path, images: list[bytes], args, minimal: Minima
     }
     for backend in args.cache_backends:
         print(f"[{name}] cache misses vs hits, {backend} ...", flush=True)
-        extra = ["--redis-url", args.redis_url, "--cache-namespace", f"bench-{uuid.uuid4().hex[:8]}"] \
+        extra = ["--redis-url", args.redis_url, "--cache-namespace", f"bench-{uuid.uuid4().hex[:8]}", "--cache-size", "0"] \
             if backend == "redis" else ["--cache-size", "4096"]
         srv = ServerProcess(bundle, args, *extra)
         clients, miss, hit, warm_hit, echo = None, [], [], [], []

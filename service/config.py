@@ -45,7 +45,8 @@ class ServerConfig:
     stream_concurrency: int = _f(32, "images of one ExplainStream call in flight at once")
     redis_url: str = _f(None, "Redis URL for the answer cache (e.g. redis://host:6379/0); "
                               "without one an in-process LRU is used")
-    cache_size: int = _f(1024, "entries of the in-process cache (0 with no Redis: no cache)")
+    cache_size: int = _f(1024, "entries of the in-process cache, in front of Redis when --redis-url is set "
+                               "(0: Redis alone, or no cache without Redis)")
     cache_ttl_s: float = _f(3600.0, "seconds a cached answer lives")
     cache_namespace: str = _f("conceptlens", "prefix of cache keys")
     redis_timeout_ms: float = _f(50.0, "Redis connect/read timeout; slower means no cache")

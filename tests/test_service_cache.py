@@ -6,21 +6,25 @@ import time
 
 from service_conftest import free_port
 
-from conceptlens.service.cache import MemoryCache, RedisCache, cache_key, make_cache
+from conceptlens.service.cache import MemoryCache, RedisCache, TieredCache, cache_key, make_cache
 
 
 class Counts:
     def __init__(self):
         self.hits = self.misses = self.errors = 0
+        self.log: list[tuple[str, str]] = []  # (event, backend)
 
     def cache_hit(self, backend):
         self.hits += 1
+        self.log.append(("hit", backend))
 
     def cache_miss(self, backend):
         self.misses += 1
+        self.log.append(("miss", backend))
 
     def cache_error(self, backend, operation):
         self.errors += 1
+        self.log.append(("error", backend))
 
 
 def test_key_depends_on_every_part():
@@ -54,6 +58,9 @@ async def test_memory_cache_lru_ttl_and_counts():
 def test_make_cache_picks_backend():
     assert make_cache(None, 0, 60) is None
     assert isinstance(make_cache(None, 10, 60), MemoryCache)
+    assert isinstance(make_cache("redis://127.0.0.1:1/0", 0, 60), RedisCache)
+    tiered = make_cache("redis://127.0.0.1:1/0", 10, 60)
+    assert isinstance(tiered, TieredCache) and tiered.near.max_entries == 10
 
 
 async def test_redis_roundtrip_with_ttl(redis_server):
@@ -99,3 +106,25 @@ async def test_redis_stop_and_restart_recovers_by_itself(redis_server):
             break
     assert await c.get("k2") == b"v2"
     await c.close()
+
+
+async def test_tiered_cache_near_first_then_redis_shared_by_replicas(redis_server):
+    """Two replicas on one Redis: a replica's own answers come from its memory; another replica's
+    come from Redis once, then from memory; with Redis gone, memory still answers what it holds."""
+    ca, cb = Counts(), Counts()
+    a = make_cache(redis_server.url, 8, 30, timeout_s=0.1, retry_after_s=60, metrics=ca)
+    b = make_cache(redis_server.url, 8, 30, timeout_s=0.1, retry_after_s=60, metrics=cb)
+    a.put("k", b"answer")
+    await a.flush_writes()
+    assert await a.get("k") == b"answer" and ca.log == [("hit", "memory")]  # Redis not asked
+    assert await b.get("k") == b"answer" and cb.log == [("miss", "memory"), ("hit", "redis")]
+    assert await b.get("k") == b"answer" and cb.log[-1] == ("hit", "memory")  # copied near
+    assert await a.get("absent") is None and ca.log[-2:] == [("miss", "memory"), ("miss", "redis")]
+    redis_server.stop()
+    try:
+        assert await b.get("k") == b"answer"  # memory still answers
+        assert await b.get("other") is None and cb.errors == 1  # Redis down: a miss, never an error
+    finally:
+        redis_server.start()
+        await a.close()
+        await b.close()

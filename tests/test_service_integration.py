@@ -45,7 +45,7 @@ class ServeProcess:
             [sys.executable, "-m", "conceptlens.service.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
              "--port", str(self.port), "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
              "--max-message-bytes", str(MAX_MESSAGE), "--redis-retry-s", "0.3", "--max-batch-size", "8",
-             "--drain-delay-s", "0.3"],
+             "--drain-delay-s", "0.3", "--cache-size", "0"],  # Redis alone: these tests are about Redis
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.target = f"127.0.0.1:{self.port}"
 
