@@ -17,6 +17,7 @@ h(A)_y - h(S P)_y and the bias is what remains: h(S P)_y - sum_j c_j.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -75,12 +76,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_predictions(logits: np.ndarray, class_names: list[str], k: int) -> list[Prediction]:
-    """The k largest of ``logits`` (K,) with names and softmax probabilities."""
-    probs = softmax(logits)
+    """The k largest of ``logits`` (K,) with names and softmax probabilities.
+
+    Only the k probabilities asked for are computed (one exp-sum over K): this runs right after
+    inference, when every numpy call is slow (the model has evicted the caches)."""
     k = max(0, min(k, logits.shape[-1]))
-    idx = np.argpartition(-logits, k - 1)[:k] if k else np.array([], dtype=int)
-    idx = idx[np.argsort(-logits[idx])]
-    return [Prediction(int(i), class_names[i], float(logits[i]), float(probs[i])) for i in idx]
+    if k == 0:
+        return []
+    z = np.asarray(logits, np.float32)
+    top = float(z.max())
+    total = float(np.exp(z - top, dtype=np.float64).sum())
+    if k == 1:
+        idx = [int(z.argmax())]
+    else:
+        part = np.argpartition(-z, k - 1)[:k]
+        idx = [int(i) for i in part[np.argsort(-z[part], kind="stable")]]
+    return [Prediction(i, class_names[i], float(z[i]), math.exp(float(z[i]) - top) / total) for i in idx]
 
 
 class Explainer:
@@ -165,8 +176,6 @@ class Explainer:
             proj, method = self._contrast_projector(class_id, contrast)
         codes = proj.project(v)  # (HW, k)
         presence = codes.mean(axis=0)  # (k,)
-        mean_v = v.mean(axis=0)  # (C,)
-        recon_mean = presence @ proj.basis  # (C,) = GAP(S P)
         if bundle.head_kind == "linear":
             u = np.asarray(bundle.head_weight[class_id], np.float32)
             bias = float(bundle.head_bias[class_id])
@@ -177,7 +186,9 @@ class Explainer:
                 bias -= float(bundle.head_bias[contrast])
                 weights = proj.basis @ u
             target = float(logits[class_id] - (logits[contrast] if contrast is not None else 0.0))
-            residual = float((mean_v - recon_mean) @ u)
+            # r = GAP(V - S P) . u = GAP(V) . u - presence . (P u), and P u is the weights
+            gap = features.reshape(c, h * w).mean(axis=1, dtype=np.float64)  # (C,)
+            residual = float(gap @ u) - float(presence.astype(np.float64) @ weights)
         else:
             recon = (codes @ proj.basis).T.reshape(1, c, h, w).astype(np.float32)
             rl = self.head(recon)[0]
