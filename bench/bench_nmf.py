@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import lite0_activations  # noqa: E402
 
-from conceptlens.precompute.fit import pixels  # noqa: E402
+from conceptlens.precompute.learners.nmf import pixel_rows as pixels  # noqa: E402
 from conceptlens.precompute.learners.nmf import NMF  # noqa: E402
 
 

@@ -302,3 +302,23 @@ def test_hyperplane_separates_and_shift_moves_prediction():
     basis = contrast_concepts(acts_a.permute(0, 2, 3, 1).reshape(-1, 64), normal, offset, k=3)
     assert basis.shape == (3, 64) and (basis >= 0).all()
     assert matched_cosines(basis, d[0:3]).min() > 0.9  # A's own concepts, not the shared ones
+
+
+def test_fit_basis_dispatches_every_registered_learner():
+    """The job's one entry point reaches each learner of the registry and checks what it needs."""
+    from conceptlens.precompute.fit import fit_basis
+
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.standard_normal((12, 16, 3, 3))).astype(np.float32)
+    w = rng.standard_normal((4, 16)).astype(np.float32)
+    b = np.zeros(4, np.float32)
+    for method, learner in LEARNERS.items():
+        basis = fit_basis(method, feats, k=3, class_id=1, head_weight=w, head_bias=b, seed=0,
+                          device=torch.device("cpu"), max_iter=20)
+        assert basis.shape == (3, 16) and basis.dtype == np.float32 and (basis >= 0).all(), method
+        if learner.needs_linear_head:
+            with pytest.raises(ValueError, match="global average pooling"):
+                fit_basis(method, feats, k=3, class_id=1, head_weight=None, head_bias=None, seed=0,
+                          device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown method 'pca'"):
+        fit_basis("pca", feats, k=3, class_id=1, head_weight=w, head_bias=b, seed=0, device=torch.device("cpu"))

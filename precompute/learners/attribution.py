@@ -77,6 +77,17 @@ class AttributionNMF(nn.Module):
     (N, H, W) override both.
     """
 
+    needs_linear_head = True
+
+    @classmethod
+    def fit_class(cls, feats, *, k: int, class_id: int, head_weight, head_bias, seed: int, device,
+                  max_iter: int = 200, tol: float = 1e-4, params: dict | None = None, **_) -> "AttributionNMF":
+        """One class's features (N, C, H, W) -> fitted (the job's entry, as ``NMF.fit_class``).
+        ``params["attribution"]``: the attribution method ("grad_x_act")."""
+        return cls(k, method=(params or {}).get("attribution", "grad_x_act"), max_iter=max_iter, tol=tol, seed=seed,
+                   device=device).fit(torch.from_numpy(feats), torch.from_numpy(head_weight),
+                                      torch.from_numpy(head_bias), class_id)
+
     def __init__(self, n_components: int, method: str = "grad_x_act", solver: str = "hals", max_iter: int = 200,
                  tol: float = 1e-4, seed: int = 0, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float32):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nmf import resolve_device
+from .nmf import pixel_rows, resolve_device
 
 
 def _kmeanspp(x: torch.Tensor, weight: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -41,6 +41,13 @@ class DirectionPairs(nn.Module):
     direction). ``score``: "projection" (z_k = x . d_k) or "assignment" (the same, 0 outside cluster k).
     ``n_init`` restarts, the best (largest sum of x . d_assigned) kept.
     """
+
+    needs_linear_head = False
+
+    @classmethod
+    def fit_class(cls, feats, *, k: int, seed: int, device, **_) -> "DirectionPairs":
+        """One class's features (N, C, H, W) -> fitted (the job's entry, as ``NMF.fit_class``)."""
+        return cls(k, seed=seed, device=device).fit(torch.from_numpy(pixel_rows(feats)))
 
     def __init__(self, n_components: int, max_iter: int = 100, tol: float = 1e-6, n_init: int = 3, seed: int = 0,
                  score: str = "projection", device: str | torch.device | None = None,

@@ -222,6 +222,19 @@ class FACE(nn.Module):
     ``history_`` (per evaluation of the chosen start: loss, mse, kl, logit_err).
     """
 
+    needs_linear_head = True
+
+    @classmethod
+    def fit_class(cls, feats: np.ndarray, *, k: int, class_id: int, head_weight: np.ndarray, head_bias: np.ndarray,
+                  seed: int, device, max_iter: int = 200, params: dict | None = None, **_) -> "FACE":
+        """One class's features (N, C, H, W) -> fitted (the job's entry, as ``NMF.fit_class``).
+        ``max_iter`` bounds the NMF starts; ``params["face_lambda"]`` is the KL weight (1.0)."""
+        n, c, h, w = feats.shape
+        acts = torch.from_numpy(np.ascontiguousarray(feats.reshape(n, c, h * w).transpose(0, 2, 1)))
+        return cls(k, lam=float((params or {}).get("face_lambda", 1.0)), seed=seed, device=device,
+                   nmf_max_iter=max_iter).fit(acts, torch.from_numpy(head_weight), torch.from_numpy(head_bias),
+                                              class_id=class_id)
+
     def __init__(self, n_components: int, lam: float = 1.0, max_iter: int = 200, tol: float = 1e-4,
                  seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                  nmf_max_iter: int = 200, window: int = 5, head_weighted_start: bool = True,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 import torch
 from torch import nn
 
@@ -120,12 +122,27 @@ def mu_fit(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, max_iter: int, tol
 SOLVERS: dict[str, Callable] = {"hals": hals_fit, "mu": mu_fit}
 
 
+def pixel_rows(feats: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) feature maps -> (N*H*W, C) pixel activations, C-contiguous."""
+    n, c, h, w = feats.shape
+    return np.ascontiguousarray(feats.transpose(0, 2, 3, 1).reshape(n * h * w, c))
+
+
 class NMF(nn.Module):
     """Non-negative matrix factorization with fit / encode / decode.
 
     ``components_`` (k, C) are the concept directions; ``encode`` gives codes (n, k) for new rows
     by non-negative least squares with the basis fixed.
     """
+
+    needs_linear_head = False  # a learner of LEARNERS: see fit_class
+
+    @classmethod
+    def fit_class(cls, feats: np.ndarray, *, k: int, seed: int, device, max_iter: int = 200, tol: float = 1e-4,
+                  **_) -> "NMF":
+        """The precompute job's entry (same for every learner of ``LEARNERS``): one class's images'
+        features (N, C, H, W) -> a fitted learner; keywords a learner does not use are ignored."""
+        return cls(k, max_iter=max_iter, tol=tol, seed=seed, device=device).fit(torch.from_numpy(pixel_rows(feats)))
 
     def __init__(self, n_components: int, solver: str = "hals", max_iter: int = 200, tol: float = 1e-4,
                  seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
