@@ -13,7 +13,7 @@ request from those samples, then kept in a bounded in-process LRU:
    optimum is that of the raw problem).
 2. :func:`contrast_basis`: NMF (HALS, NNDSVDa init) of A's pixels scaled by ``max(w . a + b, 0)``.
 3. :class:`ContrastStore`: the bundle's precomputed pairs, and the pairs computed on request; its
-   ``get`` is what :class:`~conceptlens.service.explain.Explainer` takes as ``contrast_bases``.
+   ``projector`` is what :class:`~conceptlens.service.explain.Explainer` takes as ``contrast_projectors``.
 
 No torch, no scipy: this runs inside the gRPC server (in its worker threads, never on the event
 loop) and inside the TorchServe handler. The products with the (n, C) pixel matrices are numpy's
@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 
 from .bundle import Bundle
+from .nnls import NNLSProjector
 
 log = logging.getLogger(__name__)
 
@@ -323,9 +324,11 @@ class ContrastPair:
     method: str
     seconds: float = 0.0  # compute time (0 for a precomputed pair)
     result: tuple[np.ndarray, str] = field(init=False, repr=False)  # what ContrastStore.get returns
+    projection: tuple[NNLSProjector, str] = field(init=False, repr=False)  # what ContrastStore.projector returns
 
     def __post_init__(self):
         self.result = (self.basis, self.method)
+        self.projection = (NNLSProjector.from_basis(self.basis), self.method)
 
 
 class ContrastStore:
@@ -396,6 +399,12 @@ class ContrastStore:
         """
         pair = self.pair(a, b)
         return None if pair is None else pair.result
+
+    def projector(self, a: int, b: int) -> tuple[NNLSProjector, str] | None:
+        """(NNLS projector of the basis, method) for "a rather than b", or None; kept with the pair,
+        so the explainer needs no cache of its own."""
+        pair = self.pair(a, b)
+        return None if pair is None else pair.projection
 
     def pair(self, a: int, b: int) -> ContrastPair | None:
         """The full :class:`ContrastPair` (hyperplane included), computed on request if needed."""

@@ -18,8 +18,6 @@ h(A)_y - h(S P)_y and the bias is what remains: h(S P)_y - sum_j c_j.
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -98,15 +96,16 @@ class Explainer:
     """Explains classes of one bundle. Per-basis constants are computed once, here."""
 
     def __init__(self, bundle: Bundle, head: HeadFn | None = None,
-                 contrast_bases: Callable[[int, int], tuple[np.ndarray, str] | None] | None = None):
+                 contrast_projectors: Callable[[int, int], tuple[NNLSProjector, str] | None] | None = None):
         """``head`` is required for a bundle whose head is not linear (``head.onnx`` run by the caller).
 
-        ``contrast_bases(a, b)`` may return a (k, C) basis (and its method name) for "a rather than
+        ``contrast_projectors(a, b)`` (e.g. ``ContrastStore.projector``, which computes and keeps
+        pairs) may return the projector of a contrast basis (and its method name) for "a rather than
         b"; without one the class basis of ``a`` is used with the contrast weights.
         """
         self.bundle = bundle
         self.head = head
-        self.contrast_bases = contrast_bases
+        self.contrast_projectors = contrast_projectors
         if bundle.head_kind != "linear" and head is None:
             raise ValueError("this bundle's head is not linear: pass its head function")
         self._projectors = {cid: NNLSProjector.from_basis(c.basis) for cid, c in bundle.classes.items()}
@@ -114,10 +113,6 @@ class Explainer:
         # once, so the identity holds whatever precision the bundle's weights were stored at)
         self._weights = {cid: (self._projectors[cid].basis @ np.asarray(bundle.head_weight[cid], np.float32))
                          if bundle.head_kind == "linear" else c.weights for cid, c in bundle.classes.items()}
-        # Bounded: a service that is asked for many pairs keeps the recent ones (LRU).
-        self._contrast_projectors: OrderedDict[tuple[int, int], tuple[NNLSProjector, str]] = OrderedDict()
-        self._contrast_lock = threading.Lock()
-        self.max_contrast_pairs = 256
 
     def projector(self, class_id: int) -> NNLSProjector:
         try:
@@ -136,21 +131,8 @@ class Explainer:
         return self.bundle.classes[class_id]
 
     def _contrast_projector(self, a: int, b: int) -> tuple[NNLSProjector, str]:
-        key = (a, b)
-        with self._contrast_lock:
-            if key in self._contrast_projectors:
-                self._contrast_projectors.move_to_end(key)
-                return self._contrast_projectors[key]
-        found = self.contrast_bases(a, b) if self.contrast_bases else None  # may compute: outside the lock
-        if found is None:
-            entry = (self.projector(a), self.bundle.classes[a].method)
-        else:
-            entry = (NNLSProjector.from_basis(found[0]), found[1])
-        with self._contrast_lock:
-            self._contrast_projectors[key] = entry
-            while len(self._contrast_projectors) > self.max_contrast_pairs:
-                self._contrast_projectors.popitem(last=False)
-        return entry
+        found = self.contrast_projectors(a, b) if self.contrast_projectors else None
+        return found if found is not None else (self.projector(a), self.bundle.classes[a].method)
 
     def explain(self, features: np.ndarray, logits: np.ndarray, class_id: int,
                 contrast: int | None = None, max_concepts: int | None = None,

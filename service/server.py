@@ -235,7 +235,8 @@ class ServingModel:
         # "a rather than b": precomputed pairs, or computed on request from the bundle's samples (in
         # the worker thread that explains, never on the event loop) and then kept
         self.contrasts = ContrastStore(bundle, max_pairs=CONTRAST_PAIRS)
-        self.explainer = Explainer(bundle, head=self._head_fn(bundle, config), contrast_bases=self.contrasts.get)
+        self.explainer = Explainer(bundle, head=self._head_fn(bundle, config),
+                                   contrast_projectors=self.contrasts.projector)
         self.names = bundle.class_names
         self.num_classes = len(self.names)
         self.linear = bundle.head_kind == "linear"

@@ -229,7 +229,7 @@ def test_store_lru_is_bounded(contrast_bundle):
 def test_explainer_uses_the_store(contrast_bundle):
     bundle = load_bundle(contrast_bundle)
     store = ContrastStore(bundle)
-    explainer = Explainer(bundle, contrast_bases=store.get)
+    explainer = Explainer(bundle, contrast_projectors=store.projector)
     rng = np.random.default_rng(0)
     features = np.abs(rng.standard_normal((TINY_C, 7, 7))).astype(np.float32)
     logits = features.mean(axis=(1, 2)) @ bundle.head_weight.T + bundle.head_bias
