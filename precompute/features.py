@@ -184,16 +184,20 @@ def save_part(path: Path, result: ExtractResult, config_hash: str) -> None:
     atomic_write_bytes(path, save(tensors, metadata={"info": json.dumps(info)}))
 
 
+def safetensors_info(data: bytes) -> dict:
+    """The JSON ``info`` kept in the metadata of a safetensors file's bytes, read already (the
+    format: an 8-byte little-endian header length, then the JSON header)."""
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    return json.loads(meta["info"])
+
+
 def load_part(path: Path) -> tuple[dict, dict[int, list[Record]]]:
-    """Read a part written by :func:`save_part`: (info, class -> records)."""
+    """Read a part written by :func:`save_part`: (info, class -> records); the file is read once."""
     from safetensors.numpy import load
 
     data = path.read_bytes()
-    tensors = load(data)
-    from safetensors import safe_open  # metadata only
-
-    with safe_open(str(path), framework="numpy") as f:
-        info = json.loads(f.metadata()["info"])
+    tensors, info = load(data), safetensors_info(data)
     out: dict[int, list[Record]] = {}
     for key, c in info["classes"].items():
         cls = int(key)

@@ -27,7 +27,7 @@ from ..service.bundle import atomic_write_bytes, atomic_write_json, class_index,
 from ..service.explain import softmax
 from .datasets import Dataset, open_dataset
 from .evaluate import evaluate_class, logits_of, single_class_explainer
-from .features import Progress, Record, extract, load_part, save_part
+from .features import Progress, Record, extract, load_part, safetensors_info, save_part
 from .models import SplitModel, export_head_onnx, export_onnx, load_model
 from .prototypes import CropPool, cosine_scores, crop_jpeg, crop_scores, top_crops
 
@@ -479,7 +479,7 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
     """Assemble one bundle from the class results in ``work_dirs`` (one per shard, or a shared one)."""
     import tempfile
 
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     from .bundle_writer import write_bundle
 
@@ -500,10 +500,11 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
     model = job.model
     classes, tensors, prototypes, jpegs = {}, {}, {}, {}
     for name, path in sorted(files.items(), key=lambda kv: int(kv[0].split(".")[0])):
-        info = _class_info(path)
+        data = path.read_bytes()  # once: tensors and metadata
+        info = safetensors_info(data)
         if info["config_hash"] != configs[0]["config_hash"]:
             raise JobError(f"{path} comes from another configuration")
-        t = load_file(str(path))
+        t = load(data)
         cls = int(info["class_id"])
         tensors[f"basis/{cls}"], tensors[f"weights/{cls}"] = t["basis"], t["weights"]
         for key, val in t.items():

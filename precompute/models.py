@@ -232,14 +232,15 @@ def load_torchvision(arch: str, weights: str | None, layer: str | None) -> Split
         log.warning("no --weights given: %s has random weights (fine for timing, not for explanations)", arch)
     model.eval()
     name, g, h = _split_fx(model, layer)
-    with torch.no_grad():
-        shape = tuple(g(torch.zeros(1, 3, 224, 224)).shape[1:])
+    preprocessing = Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD)
+    with torch.no_grad():  # at the crop size: this is the bundle's feature shape
+        shape = tuple(g(torch.zeros(1, 3, preprocessing.crop, preprocessing.crop)).shape[1:])
     if len(shape) != 3:
         raise ModelError(f"layer {name!r} gives shape {shape}, not a C x H x W feature map")
     wb = _linear_head_params(h, shape)
     names = imagenet_class_names() if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
     return SplitModel(name=arch, layer=name, features=g.eval(), head=h.eval(), class_names=names,
-                      preprocessing=Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD),
+                      preprocessing=preprocessing,
                       head_weight=wb[0] if wb else None, head_bias=wb[1] if wb else None,
                       weights_sha256=sha256_file(weights) if weights else "random", feature_shape=shape)
 
@@ -253,8 +254,9 @@ def load_model(name: str, weights: str | None = None, layer: str | None = None) 
         m = load_efficientnet_lite0(layer)
     else:
         m = load_torchvision(name, weights, layer)
-    with torch.no_grad():
-        m.feature_shape = tuple(m.features(torch.zeros(1, 3, m.preprocessing.crop, m.preprocessing.crop)).shape[1:])
+    if m.feature_shape == (0, 0, 0):  # a loader that did not run its features already
+        with torch.no_grad():
+            m.feature_shape = tuple(m.features(torch.zeros(1, 3, m.preprocessing.crop, m.preprocessing.crop)).shape[1:])
     return m
 
 
