@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import io
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from ..service.bundle import Bundle, BundleError, load_bundle, publish_dir
-from ..service.html import overlay_png
+from ..service.html import overlay_image
 
 MARKER = ".conceptlens-report"
 SPLITS = ("held_out", "train")
@@ -326,8 +325,8 @@ def render_overlay(base: Image.Image | None, grid: np.ndarray, vmax: float, size
     base = base.convert("RGB")
     if base.size != (size, size):
         base = base.resize((size, size), Image.BILINEAR)
-    png, _ = overlay_png(np.asarray(grid, np.float32), (size, size), (0, 0, size, size), vmax=vmax)
-    over = Image.open(io.BytesIO(png)).convert("RGBA")
+    over, _ = overlay_image(np.asarray(grid, np.float32), (size, size), (0, 0, size, size), vmax=vmax)
+    over = over.convert("RGBA")
     return Image.alpha_composite(base.convert("RGBA"), over).convert("RGB")
 
 

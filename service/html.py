@@ -40,6 +40,15 @@ def overlay_png(grid: np.ndarray, image_size: tuple[int, int], crop_box: tuple[i
     grid: (H, W) float32 codes >= 0; image_size: (width, height) of the original image;
     crop_box: (x0, y0, x1, y1) of the model's crop in the image's pixels.
     """
+    canvas, top = overlay_image(grid, image_size, crop_box, vmax)
+    out = io.BytesIO()
+    canvas.save(out, format="PNG", compress_level=1)
+    return out.getvalue(), top
+
+
+def overlay_image(grid: np.ndarray, image_size: tuple[int, int], crop_box: tuple[int, int, int, int],
+                  vmax: float | None = None) -> tuple[Image.Image, float]:
+    """The overlay of :func:`overlay_png` as a palette (RGBA) PIL image, not encoded."""
     w, h = int(image_size[0]), int(image_size[1])
     x0, y0, x1, y1 = (int(v) for v in crop_box)
     top = float(grid.max(initial=0.0)) if vmax is None else float(vmax)
@@ -50,9 +59,7 @@ def overlay_png(grid: np.ndarray, image_size: tuple[int, int], crop_box: tuple[i
     canvas.paste(heat, (x0, y0))
     canvas = canvas.convert("P")  # same indices: L values become palette indices
     canvas.putpalette(PALETTE, rawmode="RGBA")
-    out = io.BytesIO()
-    canvas.save(out, format="PNG", compress_level=1)
-    return out.getvalue(), top
+    return canvas, top
 
 
 def raw_grid(grid: np.ndarray) -> tuple[bytes, float]:
