@@ -34,9 +34,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -85,12 +83,6 @@ def build_bundle(model_name: str, out: Path, k: int = 10, seed: int = 0) -> Path
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def unique(image: bytes) -> bytes:
     """The same JPEG with a nonce after its end marker: decodes the same, hashes differently."""
     return image + b"\xff\xfe" + uuid.uuid4().bytes  # trailing bytes after EOI are ignored by decoders
@@ -110,31 +102,15 @@ def median_ms(xs) -> float:
     return statistics.median(xs) * 1e3
 
 
-class ServerProcess:
-    def __init__(self, bundle: Path, args: argparse.Namespace, *extra: str):
-        self.port, self.metrics_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "conceptlens.service.cli", "--log-level", "WARNING", "serve",
-               "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port),
-               "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-               "--max-batch-size", str(args.max_batch_size), "--intra-op-threads", str(args.threads),
-               "--workers", str(args.workers), *(["--ort-spin"] if args.spin else []), *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-        from conceptlens.service.client import ExplainClient
+def start_server(bundle: Path, args: argparse.Namespace, *extra: str):
+    """``conceptlens serve`` with the benchmark's settings, ready to answer."""
+    from conceptlens.service.serve_process import ServeProcess
 
-        try:
-            with ExplainClient(self.target) as c:
-                c.wait_ready(300)
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
+    srv = ServeProcess(bundle, "--max-batch-size", str(args.max_batch_size), "--intra-op-threads", str(args.threads),
+                       "--workers", str(args.workers), *(["--ort-spin"] if args.spin else []), *extra,
+                       log_level="WARNING")
+    srv.wait_ready(300)
+    return srv
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -241,13 +217,11 @@ class MinimalService:
         self.proc.join(10)
 
 
-def mean_batch_size(metrics_port: int) -> tuple[float, float]:
+def mean_batch_size(srv) -> tuple[float, float]:
     """(sum, count) of the server's batch-size histogram."""
-    import urllib.request
-
     from conceptlens.service.metrics import metric_value
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    text = srv.metrics()
     return metric_value(text, "conceptlens_batch_size_sum"), metric_value(text, "conceptlens_batch_size_count")
 
 
@@ -323,7 +297,7 @@ def _measure(name: str, bundle: Path, images: list[bytes], args, minimal: Minima
     res = {"model": name}
     bare = BareOnnx(bundle, images, args)
     print(f"[{name}] bare ONNX Runtime vs the server without cache, {args.rounds} interleaved rounds ...", flush=True)
-    srv = ServerProcess(bundle, args, "--cache-size", "0")
+    srv = start_server(bundle, args, "--cache-size", "0")
     clients = None
     lat = {"bare": [], "explain": [], "plain": [], "minimal": []}
     thr = {"bare": [], "explain": [], "plain": []}
@@ -350,9 +324,9 @@ def _measure(name: str, bundle: Path, images: list[bytes], args, minimal: Minima
                 if kind == "bare":
                     thr[kind].append(bare.throughput(per_round))
                     continue
-                before = mean_batch_size(srv.metrics_port)
+                before = mean_batch_size(srv)
                 thr[kind].append(clients.concurrent(explain if kind == "explain" else plain, per_round))
-                after = mean_batch_size(srv.metrics_port)
+                after = mean_batch_size(srv)
                 batches[kind] = [batches[kind][0] + after[0] - before[0], batches[kind][1] + after[1] - before[1]]
     finally:
         if clients is not None:
@@ -387,7 +361,7 @@ def _measure(name: str, bundle: Path, images: list[bytes], args, minimal: Minima
         print(f"[{name}] cache misses vs hits, {backend} ...", flush=True)
         extra = ["--redis-url", args.redis_url, "--cache-namespace", f"bench-{uuid.uuid4().hex[:8]}", "--cache-size", "0"] \
             if backend == "redis" else ["--cache-size", "4096"]
-        srv = ServerProcess(bundle, args, *extra)
+        srv = start_server(bundle, args, *extra)
         clients, miss, hit, warm_hit, echo = None, [], [], [], []
         try:
             clients = Clients(srv.target, images, 1)

@@ -14,9 +14,7 @@ import gzip
 import html
 import io
 import logging
-import socket
 import struct
-import subprocess
 import sys
 import tarfile
 import time
@@ -71,12 +69,6 @@ def write_fashion_shard(dest: Path, count: int) -> Path:
     return shard
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo-out")
@@ -117,16 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         held = [(s.key, s.data) for _, s in zip(range(args.explain), open_dataset(data))]
 
     step(3, 4, "serve the bundle over gRPC and explain the held-out images")
-    port, metrics_port = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-m", "conceptlens", "serve", "--bundle", str(bundle),
-                               "--port", str(port), "--metrics-port", str(metrics_port)],
-                              stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT)
+    from .serve_process import ServeProcess
+
+    server = ServeProcess(bundle, log=out / "server.log")
     pages = []
     try:
         from .client import ExplainClient
         from .html import render_page
 
-        with ExplainClient(f"127.0.0.1:{port}") as client:
+        with ExplainClient(server.target) as client:
             client.wait_ready(timeout=120)
             for name, img in held:
                 resp = client.explain(img, top_k=1, heatmaps="png", prototypes=4, prototype_jpeg=True,
@@ -142,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 page.write_text(render_page(img, resp, title=f"conceptlens: {name}"))
                 pages.append((name, page.name, top.class_name if top else "-"))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop(timeout=30)
 
     step(4, 4, "HTML")
     items = "\n".join(f'<li><a href="{html.escape(p)}">{html.escape(n)}</a>: predicted {html.escape(c)}</li>'

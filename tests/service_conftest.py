@@ -22,15 +22,10 @@ import pytest
 from PIL import Image
 
 from conceptlens.service.metrics import metric_value  # noqa: F401  (the tests import it from here)
+from conceptlens.service.serve_process import free_port  # noqa: F401  (likewise)
 
 TINY_CLASSES = [f"thing{i}" for i in range(8)] + ["lonely", "empty"]
 TINY_C = 8
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:

@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
 from conftest import cifar_test_jpegs
 from PIL import Image
-from service_conftest import RedisProcess, assert_identity, bad_inputs, free_port, metric_value, png16_bytes
+from service_conftest import RedisProcess, assert_identity, bad_inputs, metric_value, png16_bytes
 
 from conceptlens.service import cli
 from conceptlens.service.client import ExplainClient
+from conceptlens.service.serve_process import ServeProcess
 from conceptlens.v1 import explain_service_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -34,34 +30,6 @@ pytestmark = pytest.mark.slow
 MAX_MESSAGE = 4 << 20
 
 
-
-
-class ServeProcess:
-    def __init__(self, bundle: Path, redis_url: str, log: Path):
-        self.port, self.metrics_port = free_port(), free_port()
-        self.log = open(log, "w")
-        env = dict(os.environ, CONCEPTLENS_REDIS_URL=redis_url)  # flags also come from the environment
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "conceptlens.service.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-             "--port", str(self.port), "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-             "--max-message-bytes", str(MAX_MESSAGE), "--redis-retry-s", "0.3", "--max-batch-size", "8",
-             "--drain-delay-s", "0.3", "--cache-size", "0"],  # Redis alone: these tests are about Redis
-            env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.target = f"127.0.0.1:{self.port}"
-
-    def metrics(self) -> str:
-        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +42,11 @@ def redis(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(cifar_bundle, redis, tmp_path_factory):
-    srv = ServeProcess(cifar_bundle, redis.url, tmp_path_factory.mktemp("serve") / "serve.log")
+    srv = ServeProcess(cifar_bundle, "--max-message-bytes", str(MAX_MESSAGE), "--redis-retry-s", "0.3",
+                       "--max-batch-size", "8", "--drain-delay-s", "0.3",
+                       "--cache-size", "0",  # Redis alone: these tests are about Redis
+                       log=tmp_path_factory.mktemp("serve") / "serve.log",
+                       env={"CONCEPTLENS_REDIS_URL": redis.url})  # flags also come from the environment
     try:
         with ExplainClient(srv.target, max_message_bytes=16 << 20) as c:
             c.wait_ready(180)
@@ -226,4 +198,4 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(served, images):
                 outcomes.append(None)
         assert served.proc.wait(60) == 0
     assert any(o is True for o in outcomes)
-    assert "stopped" in Path(served.log.name).read_text()
+    assert "stopped" in served.log_path.read_text()

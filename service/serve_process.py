@@ -1,0 +1,72 @@
+"""``conceptlens serve`` in a child process on free local ports: for the demo, tests and benchmarks."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """A server of ``bundle`` with extra ``flags``, gRPC and metrics on free ports of ``host``.
+
+    ``log``: a file path for its output (else discarded); ``env``: extra environment variables
+    (flags can come from the environment too). ``stop`` sends SIGTERM (the server drains) and
+    returns the exit status.
+    """
+
+    def __init__(self, bundle: str | os.PathLike, *flags: str, log: str | os.PathLike | None = None,
+                 env: dict[str, str] | None = None, host: str = "127.0.0.1", log_level: str | None = None):
+        self.host = host
+        self.log_path = Path(log) if log else None
+        self.port, self.metrics_port = free_port(host), free_port(host)
+        self._log: IO | int = open(log, "w") if log else subprocess.DEVNULL
+        cmd = [sys.executable, "-m", "conceptlens.service.cli", *(["--log-level", log_level] if log_level else []),
+               "serve", "--bundle", str(Path(bundle)),
+               "--host", host, "--port", str(self.port), "--metrics-host", host,
+               "--metrics-port", str(self.metrics_port), *flags]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        """Block until health says SERVING; stops the process and raises if it never does."""
+        from .client import ExplainClient
+
+        try:
+            with ExplainClient(self.target) as client:
+                client.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def metrics(self) -> str:
+        """The Prometheus text of its /metrics."""
+        url = f"http://{self.host}:{self.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=10).read().decode()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not isinstance(self._log, int):
+            self._log.close()
+        return self.proc.returncode
