@@ -48,8 +48,7 @@ def served(cifar_bundle, redis, tmp_path_factory):
                        log=tmp_path_factory.mktemp("serve") / "serve.log",
                        env={"CONCEPTLENS_REDIS_URL": redis.url})  # flags also come from the environment
     try:
-        with ExplainClient(srv.target, max_message_bytes=16 << 20) as c:
-            c.wait_ready(180)
+        srv.wait_ready(180)
         yield srv
     finally:
         srv.stop()
