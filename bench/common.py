@@ -1,37 +1,22 @@
 """Shared by the benchmarks: real EfficientNet-Lite0 activations over CIFAR-10 images (cached)."""
 from __future__ import annotations
 
+import itertools
 import os
-import tarfile
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-def _find_data() -> Path:
-    """../shared/data beside the checkout (or CONCEPTLENS_DATA); /work/shared/data for clones elsewhere."""
-    if os.environ.get("CONCEPTLENS_DATA"):
-        return Path(os.environ["CONCEPTLENS_DATA"])
-    for cand in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")):
-        if cand.is_dir():
-            return cand
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+from conceptlens.precompute.datasets import open_dataset, shared_data_dir
 
-
-DATA = _find_data()
+DATA = shared_data_dir()
 CACHE = Path(os.environ.get("CONCEPTLENS_BENCH_CACHE", Path(tempfile.gettempdir()) / "conceptlens-bench"))
 
 
 def cifar_jpegs(n: int, shard: str = "train-000.tar.gz") -> list[bytes]:
     """The first ``n`` CIFAR-10 JPEGs of a shard in ../shared/data/cifar10."""
-    out = []
-    with tarfile.open(DATA / "cifar10" / shard) as tar:
-        for m in tar:
-            if m.name.endswith(".jpg"):
-                out.append(tar.extractfile(m).read())
-                if len(out) == n:
-                    break
-    return out
+    return [s.data for s in itertools.islice(open_dataset(DATA / "cifar10" / shard), n)]
 
 
 def lite0_onnx() -> Path:

@@ -23,6 +23,15 @@ class DataError(ValueError):
     """A data path that does not exist or holds no usable images."""
 
 
+def shared_data_dir() -> Path:
+    """Where the tests and benchmarks find real data: ``CONCEPTLENS_DATA``, else ``shared/data``
+    beside the checkout (``/work/shared/data`` for a clone elsewhere)."""
+    if os.environ.get("CONCEPTLENS_DATA"):
+        return Path(os.environ["CONCEPTLENS_DATA"])
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return beside if beside.is_dir() or not Path("/work/shared/data").is_dir() else Path("/work/shared/data")
+
+
 @dataclass
 class Sample:
     index: int

@@ -2,26 +2,18 @@
 from __future__ import annotations
 
 import io
-import os
+import itertools
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from conceptlens.precompute.datasets import open_dataset, shared_data_dir
+
 # the service fixtures (tiny_bundle, redis_server), registered once so session-scoped ones are built once
 pytest_plugins = ["service_conftest"]
 
-def _find_data() -> Path:
-    """../shared/data beside the checkout (or CONCEPTLENS_DATA); /work/shared/data for clones elsewhere."""
-    if os.environ.get("CONCEPTLENS_DATA"):
-        return Path(os.environ["CONCEPTLENS_DATA"])
-    for cand in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")):
-        if cand.is_dir():
-            return cand
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-DATA = _find_data()
+DATA = shared_data_dir()
 CIFAR = DATA / "cifar10"
 IMAGENET = DATA / "imagenet-samples"
 
@@ -52,14 +44,7 @@ def write_subset_shard(dest: Path, n: int, src: str = "train-000.tar.gz", start:
 def cifar_test_jpegs(n: int) -> list[bytes]:
     """The first ``n`` JPEGs of the CIFAR-10 test shard (never seen by the test bundles)."""
     require_data()
-    out = []
-    with tarfile.open(CIFAR / "test-000.tar.gz") as tar:
-        for m in tar:
-            if m.name.endswith(".jpg"):
-                out.append(tar.extractfile(m).read())
-                if len(out) == n:
-                    break
-    return out
+    return [s.data for s in itertools.islice(open_dataset(CIFAR / "test-000.tar.gz"), n)]
 
 
 @pytest.fixture(scope="session")
