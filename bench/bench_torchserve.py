@@ -170,24 +170,12 @@ def throughput(clients: list, images: list[bytes], total: int) -> tuple[float, l
 
 # -- the run --------------------------------------------------------------------------------------
 
-def start_service(bundle: Path, batch: int, log) -> tuple[subprocess.Popen, str]:
-    from conceptlens.handlers.ts_process import free_port
-    from conceptlens.service.client import ExplainClient
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "conceptlens.service.cli", "--log-level", "WARNING", "serve",
-                             "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-                             "--cache-size", "0", "--max-batch-size", str(batch)], cwd=ROOT, stdout=log, stderr=log)
-    with ExplainClient(f"127.0.0.1:{port}") as c:
-        c.wait_ready(300)
-    return proc, f"127.0.0.1:{port}"
-
-
 def run(args) -> dict:
     from bench_serving import build_bundle
 
     from conceptlens.handlers.archive_cli import PLAIN_HANDLER, build_archive
     from conceptlens.handlers.ts_process import TorchServeProcess
+    from conceptlens.service.serve_process import ServeProcess
     from conceptlens.service.bundle import load_bundle
 
     work = Path(args.workdir)
@@ -205,7 +193,6 @@ def run(args) -> dict:
     build_archive(archive_args(bundle, store, "conceptlens", args.batch_size))
     images = [p.read_bytes() for p in sorted(IMAGES.glob("*.jpg"))[:args.images]]
     names = {"stock": "lite0-stock", "plain": "lite0-plain", "handler": "conceptlens", "ig": "lite0-ig"}
-    log = open(work / "service.log", "ab")
     ts = TorchServeProcess(store, [f"{n}.mar" for n in names.values()], work / "torchserve", token_auth=False,
                            properties={"default_response_timeout": "900"})
     service = None
@@ -216,7 +203,10 @@ def run(args) -> dict:
         ts.start()
         for n in names.values():
             ts.wait_ready(n, 600)
-        service, target = start_service(bundle, args.batch_size, log)
+        service = ServeProcess(bundle, "--cache-size", "0", "--max-batch-size", str(args.batch_size),
+                               log=work / "service.log", log_level="WARNING")
+        service.wait_ready(300)
+        target = service.target
         options = {"X-Conceptlens-Options": json.dumps(EXPLAIN)}
         for kind in (*KINDS, "ig"):
             if kind == "grpc":
@@ -245,10 +235,8 @@ def run(args) -> dict:
             for c in cs:
                 c.close()
         if service is not None:
-            service.terminate()
-            service.wait(60)
+            service.stop()
         ts.stop()
-        log.close()
     per_round = lambda a, b: statistics.median(x / y for x, y in zip(thr[a], thr[b]))  # noqa: E731
     spread = lambda a, b: [min(x / y for x, y in zip(thr[a], thr[b])),  # noqa: E731
                            max(x / y for x, y in zip(thr[a], thr[b]))]

@@ -150,8 +150,7 @@ class Job:
         """The exported model as a function (N,3,S,S) float32 -> (features, logits), on ONNX Runtime."""
         from ..service.runtime import OnnxRuntime
 
-        device = "cuda" if self.cfg.device.startswith("cuda") else self.cfg.device
-        return OnnxRuntime(self.export(), device=device).run
+        return OnnxRuntime(self.export(), device=self.cfg.device).run  # cuda:N picks GPU N
 
     def part_path(self, i: int, n: int) -> Path:
         return self.work / "features" / f"part-{i:05d}-of-{n:05d}.safetensors"
@@ -376,15 +375,13 @@ class Job:
             if other is not None and len(px) >= cfg.concepts:
                 metrics["shift"] = self._contrast_pair(cls, other, px, all_records[other], head_for_attr, hw, hb,
                                                        hfn, tensors)
-        examples = {}
         if cfg.examples:
             ex = held[:cfg.examples] if n_held else train[:cfg.examples]
-            c = served_codes(explainer, cls, feats[ex])  # (n, HW, k)
+            c = codes[curves_on][:len(ex)]  # (n, HW, k): the first of the split's codes, projected above
             h, w = feats.shape[2:]
             tensors["examples_codes"] = c.transpose(0, 2, 1).reshape(len(ex), -1, h, w).astype(np.float32)
             for i, j in enumerate(ex):
                 tensors[f"example/{i}"] = np.frombuffer(recs[j].view_jpeg, dtype=np.uint8)
-                examples[str(i)] = recs[j].key
         protos = []
         for j, idxs in enumerate(crops):
             concept = []
@@ -398,7 +395,7 @@ class Job:
         flags = class_flags(metrics, len(recs), cfg.min_images)
         info = {"config_hash": self.hash, "class_id": cls, "name": self.model.class_names[cls], "k": int(basis.shape[0]),
                 "images": len(recs), "images_seen": seen, "held_out_images": int(n_held), "metrics": metrics,
-                "flags": flags, "method": cfg.method, "prototypes": protos, "examples": examples}
+                "flags": flags, "method": cfg.method, "prototypes": protos}
         from safetensors.numpy import save
 
         atomic_write_bytes(self.class_path(cls), save(tensors, metadata={"info": json.dumps(info)}))
@@ -409,7 +406,7 @@ class Job:
     def _contrast_pair(self, a: int, b: int, px_a: np.ndarray, recs_b: list[Record], head_for_attr, hw, hb, hfn,
                        tensors: dict) -> dict:
         """Hyperplane and contrast concepts of "a rather than b" into ``tensors``; the shifting test."""
-        from ..service.contrast import contrast_basis, fit_hyperplane
+        from ..service.contrast import METHOD_PRECOMPUTED, compute_pair
         from .checks import attribution_pixels
         from .learners.contrast import shift_test
 
@@ -417,11 +414,13 @@ class Job:
         px_b = attribution_pixels(feats_b, head_for_attr, b, self.cfg.contrast_samples, self.cfg.seed)
         if len(px_b) == 0:
             return {}
-        normal, offset = fit_hyperplane(px_a.astype(np.float32), px_b.astype(np.float32))
-        basis = contrast_basis(px_a.astype(np.float32), normal, offset, self.cfg.concepts, seed=self.cfg.seed)
+        pair = compute_pair(a, b, px_a, px_b, self.cfg.concepts, seed=self.cfg.seed, method=METHOD_PRECOMPUTED)
+        if pair is None:  # too few of a's pixels on its side of the hyperplane: no precomputed pair
+            return {}
+        normal, offset = pair.normal, pair.offset
         key = f"contrast/{a}_{b}"
-        tensors[f"{key}/basis"] = np.asarray(basis, np.float32)
-        tensors[f"{key}/normal"] = np.asarray(normal, np.float32)
+        tensors[f"{key}/basis"] = pair.basis
+        tensors[f"{key}/normal"] = normal
         tensors[f"{key}/offset"] = np.asarray([offset], np.float32)
         head = (torch.from_numpy(hw), torch.from_numpy(hb)) if hw is not None else self.model.head
         base = float(np.mean(softmax(logits_of(feats_b, hw, hb, hfn))[:, a]))

@@ -773,12 +773,7 @@ def write_report(bundle_dir: str | os.PathLike, out: str | os.PathLike | None = 
     report at ``out`` is moved aside first and removed after.
     """
     bundle_dir = Path(bundle_dir)
-    try:
-        bundle = load_bundle(bundle_dir, verify=verify)
-    except BundleError:
-        raise
-    except (KeyError, ValueError, TypeError, OSError) as e:
-        raise BundleError(f"bundle {bundle_dir} is incomplete or malformed: {type(e).__name__}: {e}") from e
+    bundle = load_bundle(bundle_dir, verify=verify)
     out = Path(out) if out is not None else default_out_dir(bundle_dir)
     _check_destination(bundle_dir, out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -229,12 +229,22 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
 def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
     """Load a bundle directory; with ``verify`` every file's checksum is checked first.
 
-    Raises BundleError with the offending file named if anything is missing or altered.
+    Raises BundleError with the offending file named if anything is missing or altered, and for a
+    manifest or tensors of the wrong shape.
     """
     root = Path(root)
     manifest = load_manifest(root)
     if verify:
         verify_files(root, manifest)
+    try:
+        return _read_bundle(root, manifest)
+    except BundleError:
+        raise
+    except (KeyError, ValueError, TypeError, OSError) as e:
+        raise BundleError(f"bundle {root} is incomplete or malformed: {type(e).__name__}: {e}") from e
+
+
+def _read_bundle(root: Path, manifest: dict) -> Bundle:
     tensors = _load_safetensors(root / "concepts.safetensors")
     head_w = head_b = None
     head = manifest["model"]["head"]

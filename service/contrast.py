@@ -331,6 +331,20 @@ class ContrastPair:
         self.projection = (NNLSProjector.from_basis(self.basis), self.method)
 
 
+def compute_pair(a: int, b: int, pixels_a: np.ndarray, pixels_b: np.ndarray, k: int, l2: float = 1e-3,
+                 seed: int = 0, method: str = METHOD_ON_REQUEST) -> ContrastPair | None:
+    """Hyperplane and ``k`` contrast concepts of "a rather than b" from pixels (m, C) of each class;
+    None (logged) when the pixels cannot give them (e.g. too few on A's side of the hyperplane)."""
+    xa, xb = np.asarray(pixels_a, np.float32), np.asarray(pixels_b, np.float32)
+    try:
+        normal, offset = fit_hyperplane(xa, xb, l2=l2)
+        basis = contrast_basis(xa, normal, offset, k, seed=seed)
+    except ValueError as e:
+        log.warning("contrast %d rather than %d could not be computed: %s", a, b, e)
+        return None
+    return ContrastPair(a, b, basis, normal, offset, method)
+
+
 class ContrastStore:
     """Contrast bases by ordered pair (A, B): precomputed ones from the bundle, others on request.
 
@@ -454,18 +468,10 @@ class ContrastStore:
 
     def _compute(self, a: int, b: int) -> ContrastPair | None:
         start = time.perf_counter()
-        xa = np.asarray(self._samples[a], dtype=np.float32)
-        xb = np.asarray(self._samples[b], dtype=np.float32)
-        t_fit = 0.0
-        try:
-            normal, offset = fit_hyperplane(xa, xb, l2=self.l2)
-            t_fit = time.perf_counter() - start
-            basis = contrast_basis(xa, normal, offset, self._k(a), seed=self.seed)
-            pair = ContrastPair(a, b, basis, normal, offset, METHOD_ON_REQUEST)
-        except ValueError as e:  # the bundle's samples cannot give this pair: not the client's fault
-            log.warning("contrast %d rather than %d could not be computed: %s; the class basis of %d is used",
-                        a, b, e, a)
-            pair = None
+        xa, xb = self._samples[a], self._samples[b]
+        # None when the bundle's samples cannot give this pair (not the client's fault): the class
+        # basis of a is used instead
+        pair = compute_pair(a, b, xa, xb, self._k(a), l2=self.l2, seed=self.seed)
         seconds = time.perf_counter() - start
         if pair is not None:
             pair.seconds = seconds
@@ -473,8 +479,8 @@ class ContrastStore:
             self.compute_count += 1
             self.compute_seconds_total += seconds
             self.last_compute_seconds = seconds
-        log.info("contrast %d rather than %d computed on request in %.3f s (hyperplane %.3f s; %d and %d samples)",
-                 a, b, seconds, t_fit, len(xa), len(xb))
+        log.info("contrast %d rather than %d computed on request in %.3f s (%d and %d samples)",
+                 a, b, seconds, len(xa), len(xb))
         if self.on_compute is not None:
             try:
                 self.on_compute(a, b, seconds)

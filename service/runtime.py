@@ -76,16 +76,18 @@ def cuda_device_present() -> bool:
     return count.value > 0
 
 
-def select_providers(device: str = "auto") -> list[str]:
-    """ONNX Runtime execution providers for ``device`` in auto|cpu|cuda.
+def select_providers(device: str = "auto", device_id: int | None = None) -> list:
+    """ONNX Runtime execution providers for ``device`` in auto|cpu|cuda|cuda:N.
 
     ``auto`` takes CUDA only when ORT was built with it *and* a GPU is present; ``cuda`` raises
-    RuntimeSetupError when that is not so.
+    RuntimeSetupError when that is not so. ``cuda:N`` (or ``device_id``) picks GPU N.
     """
     import onnxruntime as ort
 
+    if device.startswith("cuda:") and device[5:].isdigit():
+        device, device_id = "cuda", int(device[5:])
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     if device == "cpu":
         return ["CPUExecutionProvider"]
     has_ep = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -97,7 +99,8 @@ def select_providers(device: str = "auto") -> list[str]:
                 preload()
             except Exception as e:  # missing nvidia-* wheels: ORT may still find system CUDA
                 log.debug("onnxruntime.preload_dlls() failed: %s", e)
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        cuda = "CUDAExecutionProvider" if device_id is None else ("CUDAExecutionProvider", {"device_id": int(device_id)})
+        return [cuda, "CPUExecutionProvider"]
     if device == "cuda":
         why = "this onnxruntime has no CUDA provider" if not has_ep else "no GPU is present"
         raise RuntimeSetupError(f"--device cuda was asked for, but {why}")

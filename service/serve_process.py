@@ -32,7 +32,7 @@ class ServeProcess:
         self.log_path = Path(log) if log else None
         self.port, self.metrics_port = free_port(host), free_port(host)
         self._log: IO | int = open(log, "w") if log else subprocess.DEVNULL
-        cmd = [sys.executable, "-m", "conceptlens.service.cli", *(["--log-level", log_level] if log_level else []),
+        cmd = [sys.executable, "-m", "conceptlens", *(["--log-level", log_level] if log_level else []),
                "serve", "--bundle", str(Path(bundle)),
                "--host", host, "--port", str(self.port), "--metrics-host", host,
                "--metrics-port", str(self.metrics_port), *flags]

@@ -235,7 +235,7 @@ class ServingModel:
         # "a rather than b": precomputed pairs, or computed on request from the bundle's samples (in
         # the worker thread that explains, never on the event loop) and then kept
         self.contrasts = ContrastStore(bundle, max_pairs=CONTRAST_PAIRS)
-        self.explainer = Explainer(bundle, head=self._head_fn(bundle, config),
+        self.explainer = Explainer(bundle, head=self._head_fn(bundle, runtime, config),
                                    contrast_projectors=self.contrasts.projector)
         self.names = bundle.class_names
         self.num_classes = len(self.names)
@@ -245,10 +245,12 @@ class ServingModel:
         self.prototype_bytes = functools.lru_cache(maxsize=4096)(self._read_prototype)
 
     @staticmethod
-    def _head_fn(bundle: Bundle, config: ServerConfig):
+    def _head_fn(bundle: Bundle, runtime: Runtime, config: ServerConfig):
         if bundle.head_kind == "linear":
             return None
-        sess = open_session(bundle.root / bundle.manifest["model"]["head"]["file"], select_providers(config.device))
+        # where the model runs (a TorchServe worker's GPU included), else as configured
+        providers = getattr(runtime, "providers_requested", None) or select_providers(config.device)
+        sess = open_session(bundle.root / bundle.manifest["model"]["head"]["file"], providers)
         name = sess.get_inputs()[0].name
         return lambda f: sess.run(None, {name: np.ascontiguousarray(f, np.float32)})[0]
 

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conceptlens.service.metrics import metric_value  # noqa: F401  (the tests import it from here)
-from conceptlens.service.serve_process import free_port  # noqa: F401  (likewise)
+from conceptlens.service.serve_process import free_port
 
 TINY_CLASSES = [f"thing{i}" for i in range(8)] + ["lonely", "empty"]
 TINY_C = 8

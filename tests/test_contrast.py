@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from service_conftest import TINY_C, ServerThread, jpeg_bytes, metric_value, write_tiny_bundle
+from service_conftest import TINY_C, ServerThread, jpeg_bytes, write_tiny_bundle
 
 from conceptlens.service.bundle import load_bundle
 from conceptlens.service.client import ExplainClient, identity_gap
@@ -22,6 +22,7 @@ from conceptlens.service.config import ServerConfig
 from conceptlens.service.contrast import (METHOD_ON_REQUEST, METHOD_PRECOMPUTED, ContrastStore, contrast_basis,
                                           contrast_weights, fit_hyperplane)
 from conceptlens.service.explain import Explainer
+from conceptlens.service.metrics import metric_value
 from conceptlens.service.nnls import NNLSProjector
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service_conftest import free_port
-
 from conceptlens.service.cache import MemoryCache, RedisCache, TieredCache, cache_key, make_cache
+from conceptlens.service.serve_process import free_port
 
 
 class Counts:

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import signal
-import subprocess
-import sys
 
 import pytest
-from service_conftest import ServerThread, free_port, jpeg_bytes
+from service_conftest import ServerThread, jpeg_bytes
 
 from conceptlens.service import cli, serve_cli
 from conceptlens.service.client import ExplainClient
+from conceptlens.service.serve_process import ServeProcess
 from conceptlens.service.config import ServerConfig
 
 
@@ -88,20 +85,14 @@ def test_explain_json(server, tmp_path, capsys):
     assert "predictions" in answer and "explanations" not in answer
 
 
-def test_serve_process_drains_on_sigterm_and_exits_0(tiny_bundle):
-    port = free_port()
-    env = dict(os.environ, CONCEPTLENS_METRICS_PORT="0", CONCEPTLENS_DRAIN_DELAY_S="0.2")
-    proc = subprocess.Popen([sys.executable, "-m", "conceptlens.service.cli", "serve", "--bundle", str(tiny_bundle),
-                             "--port", str(port), "--host", "127.0.0.1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_serve_process_drains_on_sigterm_and_exits_0(tiny_bundle, tmp_path):
+    srv = ServeProcess(tiny_bundle, log=tmp_path / "serve.log", env={"CONCEPTLENS_DRAIN_DELAY_S": "0.2"})
     try:
-        with ExplainClient(f"127.0.0.1:{port}") as c:
+        with ExplainClient(srv.target) as c:
             c.wait_ready(60)
             assert len(c.explain(jpeg_bytes(3)).explanations) == 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        assert "draining" in proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    except BaseException:
+        srv.stop()
+        raise
+    assert srv.stop(30) == 0  # SIGTERM: drains, exits 0
+    assert "draining" in srv.log_path.read_text()

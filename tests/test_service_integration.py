@@ -18,10 +18,11 @@ import grpc
 import pytest
 from conftest import cifar_test_jpegs
 from PIL import Image
-from service_conftest import RedisProcess, assert_identity, bad_inputs, metric_value, png16_bytes
+from service_conftest import RedisProcess, assert_identity, bad_inputs, png16_bytes
 
 from conceptlens.service import cli
 from conceptlens.service.client import ExplainClient
+from conceptlens.service.metrics import metric_value
 from conceptlens.service.serve_process import ServeProcess
 from conceptlens.v1 import explain_service_pb2 as pb
 

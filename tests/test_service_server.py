@@ -14,15 +14,17 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from service_conftest import (ServerThread, assert_identity, bad_inputs, cmyk_jpeg_bytes, free_port, jpeg_bytes, metric_value,
+from service_conftest import (ServerThread, assert_identity, bad_inputs, cmyk_jpeg_bytes, jpeg_bytes,
                               png16_bytes)
 
 from conceptlens.service.bundle import load_bundle
 from conceptlens.service.client import ExplainClient, heatmap_array
 from conceptlens.service.config import ServerConfig
 from conceptlens.service.explain import Explainer
+from conceptlens.service.metrics import metric_value
 from conceptlens.service.preprocess import preprocess_bytes
 from conceptlens.service.runtime import OnnxRuntime
+from conceptlens.service.serve_process import free_port
 from conceptlens.v1 import explain_service_pb2 as pb
 
 IMAGE = jpeg_bytes(7, (320, 240))

@@ -16,9 +16,6 @@ import base64
 import concurrent.futures
 import importlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -30,12 +27,13 @@ import numpy as np
 import pytest
 from conftest import cifar_test_jpegs
 from google.protobuf import json_format
-from service_conftest import ServerThread, free_port, jpeg_bytes
+from service_conftest import ServerThread, jpeg_bytes
 
 from conceptlens.handlers.conceptlens_handler import ConceptLensHandler
 from conceptlens.handlers.ts_requests import npy_bytes, read_npys
 from conceptlens.service import cli
 from conceptlens.service.client import ExplainClient
+from conceptlens.service.serve_process import ServeProcess
 from conceptlens.service.config import ServerConfig
 from conceptlens.v1 import explain_service_pb2 as pb
 
@@ -367,8 +365,6 @@ def test_service_on_the_torchserve_runtime_answers_the_same(cifar_bundle, lite0_
     from conceptlens.handlers.ts_process import TorchServeProcess
 
     images, options, expected = lite0_case
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
     # The service batches already: its TorchServe model takes one request at a time, no batch delay.
     store = tmp_path / "store"
     build_archive(cifar_bundle, store, "--model-name", "conceptlens-features", "--batch-size", "1")
@@ -379,28 +375,19 @@ def test_service_on_the_torchserve_runtime_answers_the_same(cifar_bundle, lite0_
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(req, timeout=60)
         assert "InvalidKeyException" in denied.value.read().decode()  # no key, no answer
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "conceptlens.service.cli", "serve", "--bundle", str(cifar_bundle),
-             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--cache-size", "0",
-             "--runtime", "torchserve", "--torchserve-address", server.grpc_target,
-             "--torchserve-model", "conceptlens-features", "--torchserve-token-file", str(server.key_file),
-             "--max-batch-size", "8"],
-            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        srv = ServeProcess(cifar_bundle, "--cache-size", "0", "--runtime", "torchserve",
+                           "--torchserve-address", server.grpc_target, "--torchserve-model", "conceptlens-features",
+                           "--torchserve-token-file", str(server.key_file), "--max-batch-size", "8",
+                           log=tmp_path / "serve.log")
         try:
-            with ExplainClient(f"127.0.0.1:{port}") as c:
-                c.wait_ready(120)
+            srv.wait_ready(120)
+            with ExplainClient(srv.target) as c:
                 info = c.model_info()
                 assert info.runtime == "torchserve" and info.providers[0].startswith("torchserve://")
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                got = list(pool.map(lambda a: service_answers(f"127.0.0.1:{port}", [a[0]], [a[1]])[0],
+                got = list(pool.map(lambda a: service_answers(srv.target, [a[0]], [a[1]])[0],
                                     zip(images, options)))
             for i, answer in enumerate(got):
                 assert_same(answer, expected[i], f"--runtime torchserve {i}")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+            srv.stop()
