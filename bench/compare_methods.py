@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from conceptlens.precompute.checks import concept_curves
-    from conceptlens.precompute.evaluate import evaluate_class, single_class_explainer
+    from conceptlens.precompute.evaluate import evaluate_class, served_codes, single_class_explainer
     from conceptlens.precompute.fit import fit_basis
     from conceptlens.precompute.job import Job, PrecomputeConfig, concept_weights
 
@@ -85,8 +85,9 @@ def main() -> None:
             fit_time[method] += time.perf_counter() - t
             weights = concept_weights(basis, cls, hw, None, feats[train])
             ex = single_class_explainer(names, cls, basis, weights, hw, hb, None, method)
-            m = evaluate_class(ex, cls, feats[held], hw, hb)
-            m.update(concept_curves(ex, cls, feats[held], hw, hb, None))
+            codes = served_codes(ex, cls, feats[held])  # projected once, for both
+            m = evaluate_class(ex, cls, feats[held], hw, hb, codes=codes)
+            m.update(concept_curves(ex, cls, feats[held], hw, hb, None, codes))
             rows[method][cls] = m
     header = f"{'class':<22}{'method':<12}" + "".join(f"{c:>24}" for c in COLUMNS)
     print(header)

@@ -131,7 +131,7 @@ class ConceptLensHandler:
                     out[i] = self._ok(context, i, body, NPY)
                     continue
                 features, logits = mine[0]
-                answer, t_explain, t_encode = model.answer_message(features, logits, plan, info, _NO_METRICS)
+                answer, t_explain, t_encode = model.answer_message(features, logits, plan, info)
                 answer.timings.CopyFrom(pb.Timings(
                     decode_seconds=t_decode, inference_seconds=t_infer, explain_seconds=t_explain,
                     encode_seconds=t_encode, total_seconds=time.perf_counter() - start, batch_size=len(inputs)))
@@ -172,14 +172,6 @@ def _header(context, i: int, name: str):
     return None
 
 
-class _NoMetrics:
-    """The service's per-class Prometheus series have no place in a TorchServe worker."""
-
-    def explanation(self, *args, **kwargs) -> None:
-        pass
-
-
-_NO_METRICS = _NoMetrics()
 _HANDLER = ConceptLensHandler()
 
 

@@ -184,11 +184,17 @@ def save_part(path: Path, result: ExtractResult, config_hash: str) -> None:
     atomic_write_bytes(path, save(tensors, metadata={"info": json.dumps(info)}))
 
 
-def safetensors_info(data: bytes) -> dict:
-    """The JSON ``info`` kept in the metadata of a safetensors file's bytes, read already (the
-    format: an 8-byte little-endian header length, then the JSON header)."""
-    n = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+def safetensors_info(source: bytes | Path) -> dict:
+    """The JSON ``info`` kept in the metadata of a safetensors file: from its bytes, read already,
+    or from its path, reading the header only (the format: an 8-byte little-endian header
+    length, then the JSON header)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        n = int.from_bytes(source[:8], "little")
+        header = bytes(source[8:8 + n])
+    else:
+        with open(source, "rb") as f:
+            header = f.read(int.from_bytes(f.read(8), "little"))
+    meta = json.loads(header).get("__metadata__") or {}
     return json.loads(meta["info"])
 
 

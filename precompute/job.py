@@ -307,7 +307,7 @@ class Job:
         if not path.is_file():
             return False
         try:
-            return _class_info(path)["config_hash"] == self.hash
+            return safetensors_info(path)["config_hash"] == self.hash
         except Exception:
             return False
 
@@ -465,13 +465,6 @@ def class_flags(metrics: dict, images: int, min_images: int) -> list[str]:
     if not metrics.get("held_out"):
         flags.append("no_held_out_images")
     return flags
-
-
-def _class_info(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return json.loads(f.metadata()["info"])
 
 
 def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Path:

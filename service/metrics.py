@@ -6,7 +6,7 @@ servers can live in one process (tests).
     conceptlens_requests_total{method, code}              RPCs by gRPC method and status code
     conceptlens_request_duration_seconds{method}          RPC latency on the server
     conceptlens_stage_duration_seconds{stage}             decode | queue | inference | explain |
-                                                          encode | cache
+                                                          encode | cache | contrast (a pair computed on request)
     conceptlens_batch_size                                items per inference batch
     conceptlens_queue_depth                               items waiting for a batch
     conceptlens_inflight_requests                         Explain requests being served
@@ -37,7 +37,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 PRESENCE_BUCKETS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 RESIDUAL_BUCKETS = (-10.0, -5.0, -2.0, -1.0, -0.5, -0.2, -0.1, 0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 RELATIVE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
-STAGES = ("decode", "queue", "inference", "explain", "encode", "cache")
+STAGES = ("decode", "queue", "inference", "explain", "encode", "cache", "contrast")
 
 
 class Metrics:

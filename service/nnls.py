@@ -17,7 +17,6 @@ class NNLSProjector:
     """Per-basis constants of the projection, computed once (bundle load time)."""
 
     basis: np.ndarray  # (k, C) float32
-    gram: np.ndarray  # (k, k) float32
     gram_pinv: np.ndarray  # (k, k) float32
     step: float  # 1 / largest eigenvalue of gram
     descent: np.ndarray  # (k, k) float32: I - step * gram, so a gradient step is y @ descent + step * B
@@ -28,7 +27,7 @@ class NNLSProjector:
         gram = (basis.astype(np.float64) @ basis.T.astype(np.float64))
         lmax = float(np.linalg.eigvalsh(gram)[-1]) if gram.size else 1.0
         step = 1.0 / max(lmax, 1e-12)
-        return cls(basis=basis, gram=gram.astype(np.float32), gram_pinv=np.linalg.pinv(gram).astype(np.float32),
+        return cls(basis=basis, gram_pinv=np.linalg.pinv(gram).astype(np.float32),
                    step=step, descent=(np.eye(len(gram)) - step * gram).astype(np.float32))
 
     def project(self, v: np.ndarray, max_iter: int = 200, tol: float = 1e-5) -> np.ndarray:

@@ -12,6 +12,7 @@ what is an error.
 """
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ class ImageError(ValueError):
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: int | None = None,
-                 formats: tuple[str, ...] = FORMATS) -> Image.Image:
-    """Decode JPEG/PNG/WebP bytes to an RGB PIL image; raise ImageError with a clear reason.
+                 formats: tuple[str, ...] = FORMATS) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode JPEG/PNG/WebP bytes to (an RGB PIL image, its declared (w, h)); raise ImageError
+    with a clear reason. The declared size is the image's, before any reduced-size decode.
 
     The declared size is checked against ``max_pixels`` before any pixel is decoded.
     ``draft_to``: for JPEG, let libjpeg decode at 1/2, 1/4 or 1/8 scale while the short side stays
@@ -69,9 +71,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: in
             img.load()
     except Exception as e:
         raise ImageError(f"image data is truncated or corrupt: {e}") from None
-    rgb = to_rgb(img)
-    rgb.info["declared_size"] = (w, h)  # before any reduced-size (draft) decode
-    return rgb
+    return to_rgb(img), (w, h)
 
 
 def draft_factor(size: tuple[int, int], draft_to: int | None) -> int:
@@ -114,8 +114,7 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: int 
     fast = _decode_jpeg_fast(data, max_pixels, draft_to) if data else None
     if fast is not None:
         return fast
-    img = decode_image(data, max_pixels=max_pixels, draft_to=draft_to)
-    return img, img.info.get("declared_size", img.size)
+    return decode_image(data, max_pixels=max_pixels, draft_to=draft_to)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -170,14 +169,21 @@ def normalize(view: Image.Image | np.ndarray, pre: Preprocessing) -> np.ndarray:
     subtract, then divide, then transpose): x = a / (255 std) - mean / std.
     """
     a = np.asarray(view)
-    std = np.asarray(pre.std, np.float64)
-    scale = (1.0 / (255.0 * std)).astype(np.float32)
-    offset = (-np.asarray(pre.mean, np.float64) / std).astype(np.float32)
+    scale, offset = _affine(tuple(pre.mean), tuple(pre.std))
     out = np.empty((3, *a.shape[:2]), np.float32)
     for c in range(3):
         np.multiply(a[..., c], scale[c], out=out[c], dtype=np.float32)
         out[c] += offset[c]
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (scale, offset) of :func:`normalize`, float32-rounded, once per preprocessing."""
+    s = np.asarray(std, np.float64)
+    scale = (1.0 / (255.0 * s)).astype(np.float32)
+    offset = (-np.asarray(mean, np.float64) / s).astype(np.float32)
+    return tuple(np.float32(v) for v in scale), tuple(np.float32(v) for v in offset)
 
 
 @dataclass

@@ -143,24 +143,18 @@ class TorchServeRuntime:
         self._channel.close()
 
 
-def _bundle_id(model_path) -> str | None:
-    manifest = Path(model_path).parent / "manifest.json"
-    try:
-        return json.loads(manifest.read_text()).get("bundle_id")
-    except (OSError, ValueError):
-        return None
-
-
 def create(model_path, torchserve_address: str | None = None, torchserve_model: str = "conceptlens",
-           torchserve_token_file: str | None = None, torchserve_timeout_s: float = 60.0, **_) -> TorchServeRuntime:
-    """The ``torchserve`` runtime factory (settings named as the ``conceptlens serve`` flags).
+           torchserve_token_file: str | None = None, torchserve_timeout_s: float = 60.0, bundle_id: str | None = None,
+           **_) -> TorchServeRuntime:
+    """The ``torchserve`` runtime factory (settings named as the ``conceptlens serve`` flags;
+    ``bundle_id``: the bundle the server loaded, which the TorchServe model must serve).
 
     ``torchserve_token_file``: TorchServe's key_file.json (its inference key is used) or a file
     holding just the key.
     """
     token = read_token(torchserve_token_file) if torchserve_token_file else None
     return TorchServeRuntime(torchserve_address, model_name=torchserve_model, token=token,
-                             bundle_id=_bundle_id(model_path), timeout_s=torchserve_timeout_s)
+                             bundle_id=bundle_id, timeout_s=torchserve_timeout_s)
 
 
 def read_token(path: str | os.PathLike) -> str:

@@ -333,10 +333,11 @@ class ServingModel:
         return body, t_explain, t_build + time.perf_counter() - t
 
     def answer_message(self, features: np.ndarray, logits: np.ndarray, plan: Plan, info: pb.ImageInfo,
-                       metrics: Metrics) -> tuple[pb.ExplainResponse, float, float]:
+                       metrics: Metrics | None = None) -> tuple[pb.ExplainResponse, float, float]:
         """(ExplainResponse without timings, explain seconds, seconds building the message).
 
-        features (C, H, W) and logits (K,) of one image."""
+        features (C, H, W) and logits (K,) of one image; ``metrics`` gets each class's concept
+        presence and residual (none in a TorchServe worker)."""
         t0 = time.perf_counter()
         ranked = top_predictions(logits, self.names, max(plan.predictions, 0 if plan.classes is not None else plan.top_k))
         cids = plan.classes if plan.classes is not None else [p.class_id for p in ranked[:plan.top_k]]
@@ -354,6 +355,8 @@ class ServingModel:
                 self._encode_unexplained(resp.explanations.add(), ex, logits, plan.contrast)
             else:
                 self._encode(resp.explanations.add(), ex, plan, info)
+                if metrics is None:
+                    continue
                 presence = np.zeros(len(ex.concepts))
                 for c in ex.concepts:
                     presence[c.concept] = c.presence
@@ -616,10 +619,9 @@ class ExplainServer:
             cfg.runtime, bundle.model_path, device=cfg.device, intra_op_threads=cfg.intra_op_threads,
             inter_op_threads=cfg.inter_op_threads, spin=cfg.ort_spin, torchserve_address=cfg.torchserve_address,
             torchserve_model=cfg.torchserve_model, torchserve_token_file=cfg.torchserve_token_file,
-            torchserve_timeout_s=cfg.torchserve_timeout_s)
+            torchserve_timeout_s=cfg.torchserve_timeout_s, bundle_id=bundle.bundle_id)
         model = ServingModel(bundle, runtime, cfg)
-        contrast_seconds = self.metrics.stage_seconds.labels("contrast")
-        model.contrasts.on_compute = lambda a, b, seconds: contrast_seconds.observe(seconds)
+        model.contrasts.on_compute = lambda a, b, seconds: self.metrics.stage("contrast", seconds)
         if not cfg.no_warmup:
             t = time.perf_counter()
             model.warmup(min(cfg.max_batch_size, runtime.max_batch_size or cfg.max_batch_size))

@@ -15,13 +15,8 @@ from conftest import IMAGENET, cifar_test_jpegs, require_data, write_subset_shar
 from conceptlens.service.bundle import BundleError, load_bundle
 from conceptlens.service.explain import Explainer
 from conceptlens.service.preprocess import preprocess_bytes
+from conceptlens.service.runtime import open_session
 
-
-def create_session(path, device="cpu"):
-    """A plain ONNX Runtime session on the CPU (for the two-output model or a head.onnx)."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 CLI = [sys.executable, "-m", "conceptlens"]
 
@@ -39,7 +34,7 @@ def test_onnx_matches_torch_and_top1_on_imagenet_samples(cifar_bundle):
 
     require_data()
     bundle = load_bundle(cifar_bundle)
-    session = create_session(bundle.model_path, device="cpu")
+    session = open_session(bundle.model_path, ["CPUExecutionProvider"])
     model = load_model("efficientnet-lite0")
     files = sorted(IMAGENET.glob("*.jpg"))
     x = np.stack([preprocess_bytes(f.read_bytes(), bundle.preprocessing)[0] for f in files[:16]])
@@ -73,7 +68,7 @@ def test_bundle_loads_verifies_and_explains_held_out_images(cifar_bundle):
         assert 0 <= m["recon_error"] < 1 and m["identity_max_error"] < 1e-3
     # Held-out images: the CIFAR-10 test shard, never seen by precompute.
     explainer = Explainer(bundle)
-    session = create_session(bundle.model_path, device="cpu")
+    session = open_session(bundle.model_path, ["CPUExecutionProvider"])
     imgs = cifar_test_jpegs(64)
     x = np.stack([preprocess_bytes(b, bundle.preprocessing)[0] for b in imgs])
     feats, logits = session.run(["features", "logits"], {"image": x})
@@ -213,9 +208,9 @@ def test_torchvision_model_with_weights_file_and_non_linear_head(tmp_path):
     bundle = load_bundle(out)
     assert bundle.head_kind == "generic" and bundle.feature_shape == (256, 14, 14)
     assert len(bundle.class_names) == 10
-    head = create_session(out / "head.onnx", device="cpu")
+    head = open_session(out / "head.onnx", ["CPUExecutionProvider"])
     explainer = Explainer(bundle, head=lambda a: head.run(["logits"], {"features": a})[0])
-    session = create_session(bundle.model_path, device="cpu")
+    session = open_session(bundle.model_path, ["CPUExecutionProvider"])
     x = np.stack([preprocess_bytes(b, bundle.preprocessing)[0] for b in
                   [p.read_bytes() for p in sorted(IMAGENET.glob("*.jpg"))[:4]]])
     feats, logits = session.run(["features", "logits"], {"image": x})

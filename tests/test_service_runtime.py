@@ -23,6 +23,8 @@ def test_no_cuda_without_a_gpu(monkeypatch):
         rt.select_providers("cuda")
     with pytest.raises(ValueError):
         rt.select_providers("tpu")
+    with pytest.raises(rt.RuntimeSetupError, match="cuda"):
+        rt.select_providers("cuda:1")
 
 
 def test_cuda_only_when_a_device_is_there(monkeypatch):
@@ -33,6 +35,9 @@ def test_cuda_only_when_a_device_is_there(monkeypatch):
     monkeypatch.setattr(rt, "cuda_device_present", lambda: True)
     monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: None, raising=False)
     assert rt.select_providers("auto")[0] == "CUDAExecutionProvider"
+    # a GPU index reaches the provider: precompute's --device cuda:1, a TorchServe worker's gpu_id
+    assert rt.select_providers("cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert rt.select_providers("auto", device_id=2)[0] == ("CUDAExecutionProvider", {"device_id": 2})
 
 
 def test_hidden_devices_mean_no_gpu(monkeypatch):

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from conftest import cifar_test_jpegs
 from google.protobuf import json_format
-from service_conftest import ServerThread, jpeg_bytes
+from service_conftest import TINY_CLASSES, ServerThread, jpeg_bytes
 
 from conceptlens.handlers.conceptlens_handler import ConceptLensHandler
 from conceptlens.handlers.ts_requests import npy_bytes, read_npys
@@ -190,7 +190,7 @@ def test_archive_holds_handler_bundle_and_batch_config(tiny_worker, tiny_bundle,
 def test_handler_answers_a_mixed_batch_like_the_service(tiny_worker, tiny_service):
     harness, _ = tiny_worker
     images = [jpeg_bytes(s, (96 + 16 * s, 80)) for s in range(5)]
-    options = resolve(OPTIONS, [3, 5], [f"thing{i}" for i in range(8)] + ["lonely", "empty"])
+    options = resolve(OPTIONS, [3, 5], TINY_CLASSES)
     crop = 224
     tensor = np.stack([np.random.default_rng(1).standard_normal((3, crop, crop)).astype(np.float32)] * 2)
     rows = [{"body": bytearray(images[0])},                                         # defaults, raw body
