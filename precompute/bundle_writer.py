@@ -8,12 +8,11 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..service.bundle import (SCHEMA_VERSION, Preprocessing, atomic_write_json, compute_bundle_id, publish_dir,
+from ..service.bundle import (SCHEMA_VERSION, Preprocessing, atomic_write_json, compute_bundle_id, staged_dir,
                               sha256_file)
 
 
@@ -36,9 +35,7 @@ def write_bundle(out: str | os.PathLike, *, model_onnx: str | os.PathLike, model
     from safetensors.numpy import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         shutil.copyfile(model_onnx, tmp / "model.onnx")
         head: dict = {"kind": "linear" if head_weight is not None else "generic"}
         if head_weight is not None:
@@ -71,10 +68,6 @@ def write_bundle(out: str | os.PathLike, *, model_onnx: str | os.PathLike, model
             **(extra or {}),
         }
         atomic_write_json(tmp / "manifest.json", manifest)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -39,7 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from ..service.bundle import Bundle, BundleError, load_bundle, publish_dir
+from ..service.bundle import Bundle, BundleError, load_bundle, staged_dir
 from ..service.html import overlay_image
 
 MARKER = ".conceptlens-report"
@@ -776,15 +775,9 @@ def write_report(bundle_dir: str | os.PathLike, out: str | os.PathLike | None = 
     bundle = load_bundle(bundle_dir, verify=verify)
     out = Path(out) if out is not None else default_out_dir(bundle_dir)
     _check_destination(bundle_dir, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         try:
             render_report(bundle, tmp)
         except (KeyError, ValueError, TypeError) as e:
             raise BundleError(f"bundle {bundle_dir} has malformed content: {type(e).__name__}: {e}") from e
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -16,6 +16,7 @@ No pickle anywhere: JSON, safetensors, ONNX and JPEG only.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -62,6 +63,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike):
+    """A temporary sibling of ``out`` to write a whole directory into: published as ``out``
+    (:func:`publish_dir`) when the block ends, removed when it raises."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

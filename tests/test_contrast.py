@@ -117,18 +117,16 @@ def class_pixels(cid: int, n: int, seed: int = 0) -> np.ndarray:
     return (np.abs(rng.standard_normal((n, TINY_C))) * mix).astype(np.float16)
 
 
-def write_contrast_bundle(out: Path, seed: int = 0, sampled=SAMPLED, precomputed=PRECOMPUTED,
-                          n_samples: int = 200) -> Path:
+def write_contrast_bundle(out: Path) -> Path:
     """The tiny bundle of service_conftest (classes 0-7 with 3 concepts) plus samples and one pair."""
     def extra(rng) -> dict:
-        tensors = {f"samples/{cid}": class_pixels(cid, n_samples, seed) for cid in sampled}
-        if precomputed:
-            a, b = precomputed
-            tensors[f"contrast/{a}_{b}/basis"] = np.abs(rng.standard_normal((4, TINY_C))).astype(np.float32)
-            tensors[f"contrast/{a}_{b}/normal"] = rng.standard_normal(TINY_C).astype(np.float32)
-            tensors[f"contrast/{a}_{b}/offset"] = np.array([0.25], np.float32)
+        tensors = {f"samples/{cid}": class_pixels(cid, 200) for cid in SAMPLED}
+        a, b = PRECOMPUTED
+        tensors[f"contrast/{a}_{b}/basis"] = np.abs(rng.standard_normal((4, TINY_C))).astype(np.float32)
+        tensors[f"contrast/{a}_{b}/normal"] = rng.standard_normal(TINY_C).astype(np.float32)
+        tensors[f"contrast/{a}_{b}/offset"] = np.array([0.25], np.float32)
         return tensors
-    return write_tiny_bundle(out, seed, extra_tensors=extra)
+    return write_tiny_bundle(out, 0, extra_tensors=extra)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .nmf import resolve_device
+from .nmf import resolve_device, to_numpy
 
 DEFAULT_OFFSETS = (0.0, -0.5, -1.0, -2.0, -10.0, -15.0, -20.0, -35.0, -50.0, -200.0)
 Head = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Tensor], torch.Tensor]
@@ -53,7 +53,7 @@ def fit_hyperplane(pixels_a, pixels_b, method: str = "newton", l2: float = 1e-3,
     if method == "newton":
         from ...service.contrast import fit_hyperplane as fit_np
 
-        normal, offset = fit_np(_np(pixels_a), _np(pixels_b), l2=l2)
+        normal, offset = fit_np(to_numpy(pixels_a), to_numpy(pixels_b), l2=l2)
         return torch.from_numpy(np.asarray(normal, np.float32)), float(offset)
     if method != "sgd":
         raise ValueError(f"unknown method {method!r}: newton or sgd")
@@ -83,11 +83,7 @@ def contrast_concepts(pixels_a, normal, offset: float, k: int, seed: int = 0) ->
     """
     from ...service.contrast import contrast_basis
 
-    return torch.from_numpy(contrast_basis(_np(pixels_a), _np(normal), float(offset), k, seed=seed))
-
-
-def _np(x) -> np.ndarray:
-    return np.ascontiguousarray(torch.as_tensor(x).detach().cpu().numpy(), dtype=np.float32)
+    return torch.from_numpy(contrast_basis(to_numpy(pixels_a), to_numpy(normal), float(offset), k, seed=seed))
 
 
 def _logits(head: Head, acts: torch.Tensor) -> torch.Tensor:

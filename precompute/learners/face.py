@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nmf import NMF, resolve_device
+from .nmf import NMF, resolve_device, to_numpy
 
 _CHUNK = 65536  # rows per batched k x k solve (bounds memory at CHUNK * k^2 floats)
 
@@ -128,10 +128,6 @@ def _head(head_weight, head_bias, device, dtype) -> tuple[torch.Tensor, torch.Te
     return w, b.to(device, dtype)
 
 
-def _numpy(x, dtype) -> np.ndarray:
-    return torch.as_tensor(x).detach().cpu().numpy().astype(dtype, copy=False)
-
-
 def served_metrics(acts, basis, head_weight, head_bias, class_id: int | None = None,
                    lam: float = 0.0) -> dict[str, float]:
     """How a basis explains images as served: codes from the service's NNLS projection (numpy).
@@ -143,10 +139,10 @@ def served_metrics(acts, basis, head_weight, head_bias, class_id: int | None = N
     """
     from conceptlens.service.nnls import NNLSProjector
 
-    a, p = _numpy(acts, np.float32), _numpy(basis, np.float32)
+    a, p = to_numpy(acts, np.float32), to_numpy(basis, np.float32)
     n_img, hw, c = a.shape
-    w = _numpy(head_weight, np.float64)
-    b = np.zeros(w.shape[0]) if head_bias is None else _numpy(head_bias, np.float64)
+    w = to_numpy(head_weight, np.float64)
+    b = np.zeros(w.shape[0]) if head_bias is None else to_numpy(head_bias, np.float64)
     v = a.reshape(-1, c)
     s = NNLSProjector.from_basis(p).project(v)
     rec = (s @ p).astype(np.float64)

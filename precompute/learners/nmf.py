@@ -122,6 +122,11 @@ def mu_fit(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, max_iter: int, tol
 SOLVERS: dict[str, Callable] = {"hals": hals_fit, "mu": mu_fit}
 
 
+def to_numpy(x, dtype=np.float32) -> np.ndarray:
+    """A tensor or array as a C-contiguous numpy array of ``dtype`` (for the numpy explain core)."""
+    return np.ascontiguousarray(torch.as_tensor(x).detach().cpu().numpy(), dtype=dtype)
+
+
 def pixel_rows(feats: np.ndarray) -> np.ndarray:
     """(N, C, H, W) feature maps -> (N*H*W, C) pixel activations, C-contiguous."""
     n, c, h, w = feats.shape
