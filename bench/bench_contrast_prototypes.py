@@ -35,7 +35,7 @@ def main() -> None:
     from conceptlens.service.contrast import contrast_basis, fit_hyperplane
 
     feats, logits = lite0_activations(args.images)
-    head_w = load_model("efficientnet-lite0").head_weight.numpy()
+    head_w = load_model("efficientnet-lite0").head_weight
     pred = logits.argmax(1)
     classes = [int(c) for c, n in zip(*np.unique(pred, return_counts=True)) if n >= 8]
     classes = sorted(classes, key=lambda c: -(pred == c).sum())[: args.pairs + 1]

@@ -55,15 +55,15 @@ def build_bundle(model_name: str, out: Path, k: int = 10, seed: int = 0) -> Path
     if (out / "manifest.json").is_file():
         return out
     from conceptlens.precompute.bundle_writer import write_bundle
-    from conceptlens.precompute.models import export_onnx, load_model
+    from conceptlens.precompute.models import load_model
+    from conceptlens.service.manifest import ClassEntry, MethodCard
 
     model = load_model(model_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx_path = out.parent / f"{out.name}.onnx"
-    export_onnx(model, onnx_path)
+    model.export_onnx(onnx_path)
     rng = np.random.default_rng(seed)
-    w = model.head_weight.numpy().astype(np.float32)
-    b = model.head_bias.numpy().astype(np.float32)
+    w, b = model.head.weight, model.head.bias
     c = model.feature_shape[0]
     classes, tensors = {}, {}
     for cid, name in enumerate(model.class_names):
@@ -71,13 +71,11 @@ def build_bundle(model_name: str, out: Path, k: int = 10, seed: int = 0) -> Path
         basis *= rng.random((k, c)) < 0.2  # sparse, like NMF directions
         tensors[f"basis/{cid}"] = basis
         tensors[f"weights/{cid}"] = (basis @ w[cid]).astype(np.float32)
-        classes[cid] = {"name": name, "k": k, "method": "random-timing", "metrics": {}, "flags": []}
-    write_bundle(out, model_onnx=onnx_path,
-                 model_info={"name": model.name, "sha256": model.weights_sha256, "layer": model.layer,
-                             "feature_shape": list(model.feature_shape), "num_classes": len(model.class_names)},
-                 class_names=model.class_names, preprocessing=model.preprocessing, head_weight=w, head_bias=b,
+        classes[cid] = ClassEntry(name=name, k=k, method="random-timing")
+    write_bundle(out, model_onnx=onnx_path, model=model.card(), class_names=model.class_names,
+                 preprocessing=model.preprocessing, head_weight=w, head_bias=b,
                  head_onnx=None, classes=classes, tensors=tensors, prototypes={}, prototype_jpegs={},
-                 method={"name": "random-timing", "k": k})
+                 method=MethodCard("random-timing", {"concepts": k}))
     onnx_path.unlink(missing_ok=True)
     return out
 

@@ -63,7 +63,7 @@ def torchscript_lite0(path: Path, onnx_model: Path) -> Path:
     class Logits(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.features, self.head = m.features, m.head
+            self.features, self.head = m.features, m.torch_head
 
         def forward(self, x):
             return self.head(self.features(x))

@@ -23,10 +23,10 @@ def lite0_onnx() -> Path:
     """EfficientNet-Lite0 exported to ONNX (features, logits), cached."""
     path = CACHE / "efficientnet-lite0.onnx"
     if not path.is_file():
-        from conceptlens.precompute.models import export_onnx, load_model
+        from conceptlens.precompute.models import load_model
 
         CACHE.mkdir(parents=True, exist_ok=True)
-        export_onnx(load_model("efficientnet-lite0"), path)
+        load_model("efficientnet-lite0").export_onnx(path)
     return path
 
 

@@ -66,7 +66,7 @@ def main() -> None:
     job.extract()
     records, _ = job.load_records()
     classes = job.eligible_classes(records)
-    hw, hb = job.model.head_weight.numpy(), job.model.head_bias.numpy()
+    hw, hb = job.model.head_weight, job.model.head_bias
     names = job.model.class_names
     print(f"EfficientNet-Lite0, {args.images} CIFAR-10 images grouped by prediction, {len(classes)} classes with "
           f">= {args.min_images} images, k = {args.k}, held-out 20 %, FACE lambda = {args.face_lambda}")

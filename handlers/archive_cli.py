@@ -79,7 +79,7 @@ def model_config(args: argparse.Namespace) -> str:
 def stage_bundle(bundle_dir: Path, dest: Path) -> list[str]:
     """Copy the manifest and every file it lists (nothing else) to ``dest``; returns the names."""
     bundle = load_bundle(bundle_dir, verify=True)
-    names = [MANIFEST, *sorted(bundle.manifest.get("files", {}))]
+    names = [MANIFEST, *sorted(bundle.manifest.files)]
     for name in names:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)

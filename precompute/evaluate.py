@@ -12,22 +12,30 @@ from pathlib import Path
 
 import numpy as np
 
-from ..service.bundle import Bundle, ClassConcepts, Preprocessing
-from ..service.explain import Explainer, HeadFn
+from ..service.bundle import Bundle, ClassConcepts
+from ..service.head import HeadFn
+from ..service.explain import Explainer
+from ..service.manifest import HeadCard, Manifest, MethodCard, ModelCard, Preprocessing
 
 
 def single_class_explainer(class_names: list[str], class_id: int, basis: np.ndarray, weights: np.ndarray,
                            head_weight: np.ndarray | None, head_bias: np.ndarray | None,
-                           head_fn: HeadFn | None = None, method: str = "nmf") -> Explainer:
-    """An Explainer over an in-memory bundle holding one class, for evaluation before writing."""
+                           head_fn: HeadFn | None = None, method: str = "nmf",
+                           anchor: np.ndarray | None = None) -> Explainer:
+    """An Explainer over an in-memory bundle holding one class, for evaluation before writing.
+    ``anchor`` (C, H, W): where a non-linear head's weights are measured (see service.head)."""
     kind = "linear" if head_weight is not None else "generic"
-    c = basis.shape[1]
-    bundle = Bundle(root=Path("."), manifest={"bundle_id": "evaluation", "model": {"head": {"kind": kind},
-                                                                                   "feature_shape": [c, 0, 0]}},
+    shape = tuple(anchor.shape) if anchor is not None else (basis.shape[1], 1, 1)
+    card = ModelCard(source="evaluation", name="evaluation", file_sha256="", layer="", feature_shape=shape,
+                     num_classes=len(class_names), head=HeadCard(kind, ""))
+    manifest = Manifest(model=card, preprocessing=Preprocessing(), class_names=list(class_names),
+                        method=MethodCard(method), classes={}, bundle_id="evaluation")
+    bundle = Bundle(root=Path("."), manifest=manifest,
                     classes={class_id: ClassConcepts(class_id, class_names[class_id], basis.astype(np.float32),
                                                      weights.astype(np.float32), method=method)},
                     class_names=class_names, head_weight=head_weight, head_bias=head_bias,
-                    preprocessing=Preprocessing(), tensors={})
+                    preprocessing=manifest.preprocessing,
+                    tensors={} if anchor is None else {f"anchor/{class_id}": anchor.astype(np.float32)})
     return Explainer(bundle, head=head_fn)
 
 

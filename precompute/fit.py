@@ -1,4 +1,4 @@
-"""One entry point from the job to the concept learners: ``--method`` -> a basis (k, C) >= 0.
+"""One entry point from the job to the concept learners: ``--method`` -> a basis (k, C) (rows >= 0; signed for seminmf).
 
 Dispatch is the ``LEARNERS`` registry: each learner's ``fit_class`` takes one class's features and
 the job's settings, so a new learner is a class and a registry entry.
@@ -14,7 +14,7 @@ from .learners import LEARNERS
 def fit_basis(method: str, feats: np.ndarray, *, k: int, class_id: int, head_weight: np.ndarray | None,
               head_bias: np.ndarray | None, seed: int, device: torch.device, max_iter: int = 200,
               tol: float = 1e-4, params: dict | None = None) -> np.ndarray:
-    """Learn class ``class_id``'s concept basis (k, C) >= 0 from its images' features (N, C, H, W).
+    """Learn class ``class_id``'s concept basis (k, C) from its images' features (N, C, H, W): rows >= 0, signed for seminmf.
 
     params: ``face_lambda`` (FACE's KL weight, default 1.0), ``attribution`` ("grad_x_act").
     FACE and attribution-weighted NMF need a GAP+linear head (head_weight, head_bias).

@@ -25,18 +25,22 @@ import torch
 
 from ..service.bundle import atomic_write_bytes, atomic_write_json, class_index, sha256_file
 from ..service.explain import softmax
+from ..service.head import Head
 from .datasets import Dataset, open_dataset
 from .evaluate import evaluate_class, logits_of, single_class_explainer
 from .features import Progress, Record, extract, load_part, safetensors_info, save_part
-from .models import SplitModel, export_head_onnx, export_onnx, load_model
+from .models import PreprocessingOverrides, SplitModel, load_model
 from .prototypes import CropPool, cosine_scores, crop_jpeg, crop_scores, top_crops
 
 log = logging.getLogger(__name__)
 
 # Fields that change what is learned; the rest (paths, shard, device, batch size) do not.
-_HASHED = ("model", "weights", "layer", "data", "group_by", "method", "concepts", "min_images", "max_images",
-           "held_out", "prototypes", "prototype_cells", "prototypes_exclude_class", "classes", "seed",
-           "nmf_max_iter", "nmf_tol", "method_params", "stability_folds", "contrast_samples", "examples")
+_HASHED = ("model", "weights", "layer", "labels", "preprocessing", "data", "group_by", "method", "concepts",
+           "min_images", "max_images", "held_out", "prototypes", "prototype_cells", "prototypes_exclude_class",
+           "classes", "seed", "nmf_max_iter", "nmf_tol", "method_params", "stability_folds", "contrast_samples",
+           "examples")
+AUTO_METHOD = "auto"  # nmf on a non-negative layer, seminmf on a signed one
+NEEDS_NON_NEGATIVE = ("nmf", "face", "attribution", "directions")  # their directions are >= 0
 
 
 class JobError(ValueError):
@@ -50,9 +54,11 @@ class PrecomputeConfig:
     out: str
     weights: str | None = None
     layer: str | None = None
+    labels: str | None = None  # file: one class name per output
+    preprocessing: dict = field(default_factory=dict)  # overrides: resize, crop, mean, std, interpolation
     work: str | None = None
     group_by: str = "predicted"  # "label" | "predicted"
-    method: str = "nmf"
+    method: str = AUTO_METHOD
     method_params: dict = field(default_factory=dict)
     concepts: int = 10
     min_images: int = 20
@@ -79,7 +85,12 @@ class PrecomputeConfig:
     def config_hash(self) -> str:
         d = asdict(self)
         d["weights_sha"] = sha256_file(self.weights) if self.weights else None
-        return hashlib.sha256(json.dumps({k: d[k] for k in (*_HASHED, "weights_sha")}, sort_keys=True,
+        d["labels_sha"] = sha256_file(self.labels) if self.labels else None
+        _, _, path = self.model.partition(":")
+        d["model_sha"] = sha256_file(path) if self.model.split(":")[0] in ("onnx", "torchscript") and \
+            Path(path).is_file() else None
+        keys = (*_HASHED, "weights_sha", "labels_sha", "model_sha")
+        return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True,
                                          default=str).encode()).hexdigest()[:16]
 
 
@@ -115,8 +126,16 @@ class Job:
     @property
     def model(self) -> SplitModel:
         if self._model is None:
-            self._model = load_model(self.cfg.model, self.cfg.weights, self.cfg.layer)
-            self._model.to(_device(self.cfg.device))
+            m = load_model(self.cfg.model, self.cfg.weights, self.cfg.layer, self.cfg.labels,
+                           PreprocessingOverrides(**self.cfg.preprocessing))
+            names = self.dataset.label_names if self.cfg.group_by == "label" else None
+            if m.placeholder_names and names and len(names) == len(m.class_names):
+                log.info("the model's %d outputs are named after the data's %d labels in sorted order "
+                         "(torchvision's ImageFolder convention): %s; give --labels to name them otherwise",
+                         len(names), len(names), ", ".join(f"{i}={n}" for i, n in enumerate(names[:6]))
+                         + (", ..." if len(names) > 6 else ""))
+                m.class_names = list(names)
+            self._model = m.to(_device(self.cfg.device))
         return self._model
 
     @property
@@ -138,7 +157,7 @@ class Job:
             fd, tmp = tempfile.mkstemp(dir=self.work, suffix=".onnx.tmp")
             os.close(fd)
             try:
-                export_onnx(self.model, tmp)
+                self.model.export_onnx(tmp)
                 os.replace(tmp, self.onnx_path)
             finally:
                 Path(tmp).unlink(missing_ok=True)
@@ -181,15 +200,25 @@ class Job:
         model_names = [n.lower() for n in self.model.class_names]
         mapping: dict[int, int] = {}
         for label, name in enumerate(names or []):
-            key = name.lower().replace("_", " ")
-            if key in model_names:
-                mapping[label] = model_names.index(key)
+            key = name.lower()
+            if key in model_names or key.replace("_", " ") in model_names:
+                mapping[label] = model_names.index(key if key in model_names else key.replace("_", " "))
             elif name.isdigit() and int(name) < len(model_names):
                 mapping[label] = int(name)
         if names and not mapping:
-            raise JobError(f"the data's labels ({', '.join(names[:5])}, ...) are not classes of the model "
-                           f"{self.cfg.model}; use --group-by predicted to group images by the model's "
-                           f"own prediction")
+            if len(names) != len(model_names):
+                raise JobError(f"the data's {len(names)} labels ({', '.join(names[:4])}, ...) are not classes of "
+                               f"the model {self.cfg.model} ({len(model_names)} outputs): give the model's class "
+                               f"names with --labels FILE, or use --group-by predicted")
+            mapping = {i: i for i in range(len(names))}
+            log.warning("the data's labels are not the model's class names: mapping its %d labels to the "
+                        "model's outputs in sorted order (%s); give --labels FILE if that is not the "
+                        "training order", len(names),
+                        ", ".join(f"{n}->{self.model.class_names[i]}" for i, n in enumerate(names[:4])))
+        elif names and len(mapping) < len(names):
+            log.warning("%d of the data's %d labels are not classes of the model and are ignored: %s",
+                        len(names) - len(mapping), len(names),
+                        ", ".join(n for i, n in enumerate(names) if i not in mapping)[:200])
         if names is None and self.dataset.kind == "flat":
             raise JobError("a flat folder of images has no labels: use --group-by predicted")
 
@@ -285,6 +314,7 @@ class Job:
         i, n = self.cfg.shard
         self._check_work_dir()
         records, totals = self.load_records()
+        self.method = self.resolve_method(records)
         classes = [c for c in self.eligible_classes(records) if c % n == i]
         todo = [c for c in classes if not self._class_done(c)]
         if len(todo) < len(classes):
@@ -302,6 +332,23 @@ class Job:
                                      f"{time.perf_counter() - t0:.1f} s")
         return todo
 
+    def resolve_method(self, records: dict[int, list[Record]]) -> str:
+        """The learner for this layer: ``auto`` picks seminmf where activations are signed, nmf else;
+        a learner that needs non-negative activations is refused on a signed layer."""
+        low = min((float(r.features.min()) for rs in records.values() for r in rs), default=0.0)
+        self.signed = low < 0
+        method = self.cfg.method
+        if method == AUTO_METHOD:
+            method = "seminmf" if self.signed else "nmf"
+            if self.signed:
+                log.info("layer %s has signed activations (min %.3g): concepts by semi-NMF (signed directions, "
+                         "non-negative codes); --method nmf needs a layer after a ReLU", self.model.layer, low)
+        elif self.signed and method in NEEDS_NON_NEGATIVE:
+            raise JobError(f"--method {method} needs non-negative activations, but layer {self.model.layer} is "
+                           f"signed (min {low:.3g}): use --method seminmf (or the default, auto), or choose a "
+                           f"layer after a ReLU with --layer")
+        return method
+
     def _class_done(self, cls: int) -> bool:
         path = self.class_path(cls)
         if not path.is_file():
@@ -312,15 +359,14 @@ class Job:
             return False
 
     def _head(self):
-        m = self.model
-        if m.linear_head:
-            return m.head_weight.cpu().numpy(), m.head_bias.cpu().numpy(), None
+        """(W, b, None) of a linear head, else (None, None, h as a numpy function)."""
+        head = self.model.head
+        return (head.weight, head.bias, None) if head.linear else (None, None, head.logits)
 
-        def head_fn(a: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                dev = next(m.head.parameters()).device
-                return m.head(torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(dev)).cpu().numpy()
-        return None, None, head_fn
+    def _attribution_head(self):
+        """What attribution maps differentiate: W of a linear head, or the torch head module;
+        None for a non-linear head that is only an ONNX graph (no gradients: no contrast data)."""
+        return self.model.head_weight if self.model.linear_head else self.model.torch_head
 
     def _forward(self):
         if self._fwd is None:
@@ -342,14 +388,17 @@ class Job:
         feats = np.stack([r.features for r in recs]).astype(np.float32)  # (N, C, H, W)
         hw, hb, hfn = self._head()
 
+        method = self.method
+
         def fit(f: np.ndarray) -> np.ndarray:
-            return fit_basis(cfg.method, f, k=cfg.concepts, class_id=cls, head_weight=hw, head_bias=hb,
+            return fit_basis(method, f, k=cfg.concepts, class_id=cls, head_weight=hw, head_bias=hb,
                              seed=cfg.seed, device=_device(cfg.device), max_iter=cfg.nmf_max_iter,
                              tol=cfg.nmf_tol, params=cfg.method_params)
 
         basis = fit(feats[train])
-        weights = concept_weights(basis, cls, hw, hfn, feats[train])
-        explainer = single_class_explainer(self.model.class_names, cls, basis, weights, hw, hb, hfn, cfg.method)
+        anchor = None if hw is not None else feats[train].mean(axis=0)  # (C, H, W): see service.head
+        weights = self.model.head.concept_weights(basis, cls, anchor=anchor)
+        explainer = single_class_explainer(self.model.class_names, cls, basis, weights, hw, hb, hfn, method, anchor)
         parts = {"train": feats[train], "held_out": feats[held]}
         codes = {part: served_codes(explainer, cls, f) for part, f in parts.items() if len(f)}  # projected once
         metrics = {part: evaluate_class(explainer, cls, f, hw, hb, hfn, codes.get(part)) for part, f in parts.items()}
@@ -364,10 +413,16 @@ class Job:
                           exclude_class=cls if cfg.prototypes_exclude_class else None)
         scores = cosine_scores(pool_scores, crops)
         tensors = {"basis": basis.astype(np.float32), "weights": weights.astype(np.float32)}
+        if anchor is not None:
+            tensors["anchor"] = anchor.astype(np.float32)
         # Contrast data: attribution-filtered pixels of the class (for pairs computed on request) and
-        # the precomputed pair with the class the model confuses it with most.
-        head_for_attr = hw if hw is not None else self.model.head
-        if cfg.contrast_samples > 0:
+        # the precomputed pair with the class the model confuses it with most. Contrast concepts are
+        # NMF of hyperplane-weighted pixels: not for signed layers, nor without head gradients.
+        head_for_attr = self._attribution_head()
+        if cfg.contrast_samples > 0 and (self.signed or head_for_attr is None):
+            log.info("class %d: no contrast data (%s)", cls, "signed activations" if self.signed else
+                     "the non-linear head is an ONNX graph, without gradients")
+        elif cfg.contrast_samples > 0:
             px = attribution_pixels(feats[train], head_for_attr, cls, cfg.contrast_samples, cfg.seed)
             tensors["samples"] = px.astype(np.float16)
             logits = logits_of(feats, hw, hb, hfn)
@@ -395,7 +450,7 @@ class Job:
         flags = class_flags(metrics, len(recs), cfg.min_images)
         info = {"config_hash": self.hash, "class_id": cls, "name": self.model.class_names[cls], "k": int(basis.shape[0]),
                 "images": len(recs), "images_seen": seen, "held_out_images": int(n_held), "metrics": metrics,
-                "flags": flags, "method": cfg.method, "prototypes": protos}
+                "flags": flags, "method": method, "prototypes": protos, "signed_features": bool(self.signed)}
         from safetensors.numpy import save
 
         atomic_write_bytes(self.class_path(cls), save(tensors, metadata={"info": json.dumps(info)}))
@@ -422,7 +477,7 @@ class Job:
         tensors[f"{key}/basis"] = pair.basis
         tensors[f"{key}/normal"] = normal
         tensors[f"{key}/offset"] = np.asarray([offset], np.float32)
-        head = (torch.from_numpy(hw), torch.from_numpy(hb)) if hw is not None else self.model.head
+        head = (torch.from_numpy(hw), torch.from_numpy(hb)) if hw is not None else self.model.torch_head
         base = float(np.mean(softmax(logits_of(feats_b, hw, hb, hfn))[:, a]))
         best = shift_test(torch.from_numpy(feats_b), torch.from_numpy(np.asarray(normal, np.float32)), offset,
                           head, a)
@@ -433,20 +488,6 @@ class Job:
     # ---- stage 3: merge ------------------------------------------------------------------------
     def merge(self) -> Path:
         return merge_bundle([self.work], Path(self.cfg.out), self)
-
-
-def concept_weights(basis: np.ndarray, cls: int, head_weight: np.ndarray | None, head_fn, feats: np.ndarray,
-                    n_images: int = 10, eps: float = 1e-2) -> np.ndarray:
-    """d logit_cls / d presence_j: exact P_j . W[cls] for a linear head; else ICE's central finite
-    difference (the concept added at every pixel of up to ``n_images`` class images)."""
-    if head_weight is not None:
-        return (basis @ head_weight[cls]).astype(np.float32)
-    a = feats[:n_images]
-    out = []
-    for p in basis:
-        d = p[None, :, None, None].astype(np.float32) * eps
-        out.append(float((head_fn(a + d)[:, cls] - head_fn(a - d)[:, cls]).mean() / (2 * eps)))
-    return np.asarray(out, np.float32)
 
 
 def class_flags(metrics: dict, images: int, min_images: int) -> list[str]:
@@ -473,6 +514,7 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
 
     from safetensors.numpy import load
 
+    from ..service.manifest import ClassEntry, MethodCard
     from .bundle_writer import write_bundle
 
     configs = []
@@ -491,6 +533,7 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
         raise JobError(f"no learned classes in {', '.join(map(str, work_dirs))}: run the learn stage first")
     model = job.model
     classes, tensors, prototypes, jpegs = {}, {}, {}, {}
+    signed = False
     for name, path in sorted(files.items(), key=lambda kv: int(kv[0].split(".")[0])):
         data = path.read_bytes()  # once: tensors and metadata
         info = safetensors_info(data)
@@ -504,6 +547,8 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
                 tensors[key] = val
         if "samples" in t:
             tensors[f"samples/{cls}"] = t["samples"]
+        if "anchor" in t:
+            tensors[f"anchor/{cls}"] = t["anchor"]
         if "examples_codes" in t:
             tensors[f"examples/{cls}/codes"] = t["examples_codes"]
             for i in range(len(t["examples_codes"])):
@@ -517,24 +562,22 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
                 refs.append({"file": rel, "source": p["source"], "box": p["box"], "score": p["score"]})
             protos.append(refs)
         prototypes[cls] = protos
-        classes[cls] = {k: info[k] for k in ("name", "k", "images", "images_seen", "held_out_images", "metrics",
-                                             "flags", "method")}
+        classes[cls] = ClassEntry(**{k: info[k] for k in ("name", "k", "images", "images_seen", "held_out_images",
+                                                          "metrics", "flags", "method")})
+        signed = signed or bool(info.get("signed_features", False))
+    methods = sorted({c.method for c in classes.values()})
     log.info("merge: %d classes; exporting the model to ONNX", len(classes))
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = job.export()
-        head_onnx = None if model.linear_head else export_head_onnx(model, Path(tmp) / "head.onnx")
-        hw = model.head_weight.cpu().numpy() if model.linear_head else None
-        hb = model.head_bias.cpu().numpy() if model.linear_head else None
+        head_onnx = None if model.linear_head else model.export_head_onnx(Path(tmp) / "head.onnx")
         out = write_bundle(
-            out, model_onnx=onnx_path, head_onnx=head_onnx,
-            model_info={"name": model.name, "weights_sha256": model.weights_sha256, "layer": model.layer,
-                        "feature_shape": list(model.feature_shape), "num_classes": len(model.class_names)},
-            class_names=model.class_names, preprocessing=model.preprocessing, head_weight=hw, head_bias=hb,
-            classes=classes, tensors=tensors, prototypes=prototypes, prototype_jpegs=jpegs,
-            method={"name": cfg.method, "params": {"concepts": cfg.concepts, **cfg.method_params},
-                    "group_by": cfg.group_by, "max_images": cfg.max_images, "held_out": cfg.held_out,
-                    "seed": cfg.seed},
-            extra={"data": {"path": str(cfg.data)}, "config_hash": configs[0]["config_hash"]})
+            out, model_onnx=onnx_path, head_onnx=head_onnx, model=model.card(signed_features=signed),
+            class_names=model.class_names, preprocessing=model.preprocessing, head_weight=model.head_weight,
+            head_bias=model.head_bias, classes=classes, tensors=tensors, prototypes=prototypes, prototype_jpegs=jpegs,
+            method=MethodCard(name="+".join(methods), params={"concepts": cfg.concepts, **cfg.method_params,
+                                                              "requested": cfg.method},
+                              group_by=cfg.group_by, max_images=cfg.max_images, held_out=cfg.held_out, seed=cfg.seed),
+            data={"path": str(cfg.data)}, config_hash=configs[0]["config_hash"])
     log.info("merge: bundle written to %s", out)
     return out
 

@@ -7,18 +7,27 @@ from ..service.cli import CLIError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="efficientnet-lite0, or a torchvision architecture name")
-    p.add_argument("--weights", help="local weights file for a torchvision model (.pth loaded with "
-                                     "weights_only=True, or .safetensors)")
-    p.add_argument("--layer", help="feature layer (module name); default: the last feature map before the "
-                                   "pooled head")
+    p.add_argument("--model", required=True,
+                   help="efficientnet-lite0, torchvision:NAME, timm:NAME, onnx:PATH or torchscript:PATH")
+    p.add_argument("--weights", help="weights of a torch source (efficientnet-lite0, torchvision, timm): a state "
+                                     "dict (.pth/.pt, read with weights_only=True) or .safetensors")
+    p.add_argument("--layer", help="layer to explain: a module name (torch, TorchScript) or a tensor/node name "
+                                   "(ONNX); default: the input of the last global pooling")
+    p.add_argument("--labels", help="class names in the model's output order: one per line, or a JSON list")
+    p.add_argument("--resize", type=int, help="resize the short side to N pixels (default: the source's)")
+    p.add_argument("--crop", type=int, help="center crop N x N (default: the source's)")
+    p.add_argument("--mean", type=_triple, help="normalisation mean a,b,c on the 0..1 scale (default: the source's)")
+    p.add_argument("--std", type=_triple, help="normalisation std a,b,c (default: the source's)")
+    p.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"),
+                   help="resize interpolation (default: the source's)")
     p.add_argument("--data", required=True, help="ImageFolder directory, tar shards (KEY.jpg + KEY.cls), "
                                                   "or a folder of images")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--work", help="work directory for shards and resume (default: OUT.work)")
     p.add_argument("--group-by", choices=("label", "predicted"), default="predicted",
                    help="group images by their label or by the model's prediction")
-    p.add_argument("--method", choices=("nmf", "face", "attribution", "directions"), default="nmf")
+    p.add_argument("--method", choices=("auto", "nmf", "seminmf", "face", "attribution", "directions"),
+                   default="auto", help="concept learner; auto: nmf on a non-negative layer, seminmf on a signed one")
     p.add_argument("--concepts", type=int, default=10, help="concepts per class (k)")
     p.add_argument("--classes", nargs="*", help="only these classes (ids or names)")
     p.add_argument("--min-images", type=int, default=20, help="skip classes with fewer images")
@@ -42,11 +51,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", choices=("all", "extract", "learn", "merge"), default="all")
 
 
+def _triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers a,b,c, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers a,b,c (R, G, B), got {len(values)}")
+    return values
+
+
 def config_from_args(args: argparse.Namespace):
     from .job import PrecomputeConfig, parse_shard
 
+    pre = {k: getattr(args, k) for k in ("resize", "crop", "mean", "std", "interpolation")
+           if getattr(args, k) is not None}
     return PrecomputeConfig(
-        model=args.model, weights=args.weights, layer=args.layer, data=args.data, out=args.out, work=args.work,
+        model=args.model, weights=args.weights, layer=args.layer, labels=args.labels, preprocessing=pre,
+        data=args.data, out=args.out, work=args.work,
         group_by=args.group_by, method=args.method, concepts=args.concepts, classes=args.classes,
         min_images=args.min_images, max_images=args.max_images, held_out=args.held_out,
         prototypes=args.prototypes, prototype_cells=args.prototype_cells,

@@ -354,40 +354,29 @@ def _json_short(v: Any, limit: int = 200) -> str:
     return s if len(s) <= limit else s[:limit] + "…"
 
 
-def _preprocessing_text(p: dict) -> str:
-    try:
-        return (f"resize {p['resize']}, center crop {p['crop']}, mean {'/'.join(fmt(v) for v in p['mean'])}, "
-                f"std {'/'.join(fmt(v) for v in p['std'])}")
-    except (KeyError, TypeError):
-        return _json_short(p)
-
-
 def _header_html(bundle: Bundle) -> str:
     m = bundle.manifest
-    model, method = m.get("model", {}), m.get("method", {})
-    head = model.get("head", {})
-    shape = model.get("feature_shape")
+    model, method = m.model, m.method
     model_pairs = [
-        ("model", f"<code>{esc(model.get('name', '?'))}</code>"),
-        ("layer", esc(model.get("layer", ""))),
-        ("features", esc("×".join(str(s) for s in shape)) if shape else ""),
-        ("head", esc(head.get("kind", ""))),
-        ("classes in the model", esc(model.get("num_classes", len(bundle.class_names)))),
-        ("weights sha256", f"<code>{esc(str(model.get('weights_sha256', ''))[:16])}</code>"
-         if model.get("weights_sha256") else ""),
-        ("preprocessing", esc(_preprocessing_text(m.get("preprocessing") or {}))),
+        ("model", f"<code>{esc(model.name)}</code>"),
+        ("source", f"<code>{esc(model.source)}</code>"),
+        ("layer", esc(model.layer) + (" (signed activations)" if model.signed_features else "")),
+        ("features", esc("×".join(str(s) for s in model.feature_shape))),
+        ("head", esc(model.head.kind)),
+        ("classes in the model", esc(model.num_classes)),
+        ("file sha256", f"<code>{esc(model.file_sha256[:16])}</code>" if model.file_sha256 else ""),
+        ("preprocessing", esc(m.preprocessing.describe())),
     ]
-    params = method.get("params") or {}
-    method_pairs = [("method", f"<b>{esc(method.get('name', '?'))}</b>")]
+    method_pairs = [("method", f"<b>{esc(method.name)}</b>")]
     method_pairs += [(f"{k}", esc(fmt(v) if not isinstance(v, (dict, list)) else _json_short(v)))
-                     for k, v in sorted(params.items())]
-    method_pairs += [(k, esc(fmt(v) if not isinstance(v, (dict, list)) else _json_short(v)))
-                     for k, v in sorted(method.items()) if k not in ("name", "params")]
+                     for k, v in sorted(method.params.items())]
+    method_pairs += [("group by", esc(method.group_by)), ("max images", esc(method.max_images)),
+                     ("held out", esc(fmt(method.held_out))), ("seed", esc(method.seed))]
     bundle_pairs = [
-        ("bundle id", f"<code>{esc(m.get('bundle_id', ''))}</code>"),
-        ("created", esc(m.get("created_at", ""))),
-        ("data", f"<code>{esc((m.get('data') or {}).get('path', ''))}</code>" if m.get("data") else ""),
-        ("schema", esc(m.get("schema_version", ""))),
+        ("bundle id", f"<code>{esc(m.bundle_id)}</code>"),
+        ("created", esc(m.created_at)),
+        ("data", f"<code>{esc(m.data.get('path', ''))}</code>" if m.data else ""),
+        ("schema", esc(m.schema_version)),
     ]
     return ("<div style='display:flex;gap:3em;flex-wrap:wrap'>"
             f"<div><h2>Model</h2>{_info_dl(model_pairs)}</div>"
@@ -449,13 +438,13 @@ def render_index(bundle: Bundle, order: list[tuple[int, dict]]) -> str:
         parts.append(f"<tr class='{'flagged' if flags else ''}'>{''.join(cells)}</tr>")
     parts.append("</table></div>")
     parts.append(_footer(bundle))
-    return _page(f"conceptlens report — {m.get('model', {}).get('name', '')}", "\n".join(parts))
+    return _page(f"conceptlens report — {m.model.name}", "\n".join(parts))
 
 
 def _footer(bundle: Bundle) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return (f"<p class='muted small'>Written by <code>conceptlens report</code> at {esc(now)} from bundle "
-            f"<code>{esc(bundle.manifest.get('bundle_id', ''))}</code>.</p>")
+            f"<code>{esc(bundle.manifest.bundle_id)}</code>.</p>")
 
 
 def _pass_html(v: Any) -> str:
@@ -739,14 +728,14 @@ def render_report(bundle: Bundle, out: Path) -> None:
     """Write the report of a loaded bundle into the (empty) directory ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "style.css").write_text(CSS, encoding="utf-8")
-    order = sort_classes(bundle.manifest.get("classes", {}))
+    order = sort_classes({str(k): v.to_dict() for k, v in bundle.manifest.classes.items()})
     (out / "index.html").write_text(render_index(bundle, order), encoding="utf-8")
     r = _ClassRenderer(bundle, out)
     for i, (cid, info) in enumerate(order):
         prev = order[i - 1] if i > 0 else None
         nxt = order[i + 1] if i + 1 < len(order) else None
         (out / f"class-{cid}.html").write_text(r.page(cid, info, prev, nxt, i + 1, len(order)), encoding="utf-8")
-    (out / MARKER).write_text(json.dumps({"bundle_id": bundle.manifest.get("bundle_id"),
+    (out / MARKER).write_text(json.dumps({"bundle_id": bundle.manifest.bundle_id,
                                           "bundle": str(bundle.root.resolve())}) + "\n")
 
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+from .manifest import SCHEMA_VERSION, Manifest, ManifestError, Preprocessing  # noqa: F401 (re-exported)
+
 MANIFEST = "manifest.json"
 
 
@@ -97,23 +98,6 @@ def publish_dir(tmp: Path, out: Path) -> None:
 
 
 @dataclass
-class Preprocessing:
-    """How an image becomes the model's input: resize short side, center crop, normalize."""
-
-    resize: int = 256
-    crop: int = 224
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]))
-
-    def to_dict(self) -> dict:
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
-
-
-@dataclass
 class PrototypeRef:
     """One prototype crop of a concept: the JPEG in the bundle and where it came from."""
 
@@ -129,7 +113,7 @@ class ClassConcepts:
 
     class_id: int
     name: str
-    basis: np.ndarray  # (k, C) float32, non-negative rows
+    basis: np.ndarray  # (k, C) float32: rows >= 0, or signed for semi-NMF (the codes are >= 0 either way)
     weights: np.ndarray  # (k,) float32, d logit_y / d presence_j
     metrics: dict = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
@@ -146,7 +130,7 @@ class Bundle:
     """A loaded, verified bundle."""
 
     root: Path
-    manifest: dict
+    manifest: Manifest
     classes: dict[int, ClassConcepts]
     class_names: list[str]
     head_weight: np.ndarray | None  # (K, C) for a linear head, else None
@@ -156,19 +140,23 @@ class Bundle:
 
     @property
     def bundle_id(self) -> str:
-        return self.manifest["bundle_id"]
+        return self.manifest.bundle_id
 
     @property
     def model_path(self) -> Path:
-        return self.root / self.manifest["model"]["onnx"]
+        return self.root / self.manifest.model.onnx
+
+    @property
+    def head_path(self) -> Path:
+        return self.root / self.manifest.model.head.file
 
     @property
     def head_kind(self) -> str:
-        return self.manifest["model"]["head"]["kind"]
+        return self.manifest.model.head.kind
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["model"]["feature_shape"])
+        return self.manifest.model.feature_shape
 
     def class_id(self, key: int | str) -> int:
         """See :func:`class_index`."""
@@ -200,7 +188,9 @@ def compute_bundle_id(files: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_manifest(root: Path) -> dict:
+def load_manifest(root: Path) -> Manifest:
+    """The typed manifest of the bundle at ``root``; BundleError naming the file when it is
+    missing, not JSON, of another schema version or malformed."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
@@ -211,17 +201,17 @@ def load_manifest(root: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise BundleError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(
-            f"{path}: schema version {manifest.get('schema_version')!r}, this conceptlens reads {SCHEMA_VERSION}")
-    return manifest
+    try:
+        return Manifest.from_dict(manifest)
+    except ManifestError as e:
+        raise BundleError(f"{path}: {e}") from None
 
 
-def verify_files(root: Path, manifest: dict) -> None:
+def verify_files(root: Path, manifest: Manifest) -> None:
     """Check every file listed in the manifest against its sha256; raise BundleError naming the bad ones."""
     root = Path(root)
     bad = []
-    for name, digest in sorted(manifest.get("files", {}).items()):
+    for name, digest in sorted(manifest.files.items()):
         path = root / name
         if not path.is_file():
             bad.append(f"{name} (missing)")
@@ -229,7 +219,7 @@ def verify_files(root: Path, manifest: dict) -> None:
             bad.append(f"{name} (checksum mismatch)")
     if bad:
         raise BundleError(f"bundle {root} does not match its manifest: " + ", ".join(bad))
-    if compute_bundle_id(manifest.get("files", {})) != manifest.get("bundle_id"):
+    if compute_bundle_id(manifest.files) != manifest.bundle_id:
         raise BundleError(f"bundle {root}: bundle_id does not match the file checksums in manifest.json")
 
 
@@ -260,27 +250,31 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
         raise BundleError(f"bundle {root} is incomplete or malformed: {type(e).__name__}: {e}") from e
 
 
-def _read_bundle(root: Path, manifest: dict) -> Bundle:
+def _read_bundle(root: Path, manifest: Manifest) -> Bundle:
     tensors = _load_safetensors(root / "concepts.safetensors")
     head_w = head_b = None
-    head = manifest["model"]["head"]
-    if head["kind"] == "linear":
-        ht = _load_safetensors(root / head["file"])
+    head = manifest.model.head
+    if head.kind == "linear":
+        ht = _load_safetensors(root / head.file)
         head_w, head_b = ht["weight"].astype(np.float32), ht["bias"].astype(np.float32)
+        k, c = manifest.model.num_classes, manifest.model.feature_shape[0]
+        if head_w.shape != (k, c) or head_b.shape != (k,):
+            raise BundleError(f"{root / head.file}: weight {head_w.shape} and bias {head_b.shape} do not fit "
+                              f"{k} classes of {c} channels")
     protos = {}
     if (root / "prototypes.json").is_file():
         protos = json.loads((root / "prototypes.json").read_text())
     classes = {}
-    for key, info in manifest["classes"].items():
-        cid = int(key)
+    for cid, info in manifest.classes.items():
         refs = [[PrototypeRef(p["file"], p["source"], tuple(p["box"]), float(p["score"])) for p in concept]
-                for concept in protos.get(key, [])]
+                for concept in protos.get(str(cid), [])]
         classes[cid] = ClassConcepts(
-            class_id=cid, name=info["name"],
+            class_id=cid, name=info.name,
             basis=np.ascontiguousarray(tensors[f"basis/{cid}"], dtype=np.float32),
             weights=np.ascontiguousarray(tensors[f"weights/{cid}"], dtype=np.float32),
-            metrics=info.get("metrics", {}), flags=list(info.get("flags", [])), prototypes=refs,
-            method=info.get("method", manifest.get("method", {}).get("name", "nmf")))
-    return Bundle(root=root, manifest=manifest, classes=classes, class_names=list(manifest["class_names"]),
-                  head_weight=head_w, head_bias=head_b,
-                  preprocessing=Preprocessing.from_dict(manifest["preprocessing"]), tensors=tensors)
+            metrics=info.metrics, flags=list(info.flags), prototypes=refs, method=info.method)
+        if classes[cid].basis.shape[1] != manifest.model.feature_shape[0]:
+            raise BundleError(f"bundle {root}: basis of class {cid} has {classes[cid].basis.shape[1]} channels, "
+                              f"the layer {manifest.model.feature_shape[0]}")
+    return Bundle(root=root, manifest=manifest, classes=classes, class_names=list(manifest.class_names),
+                  head_weight=head_w, head_bias=head_b, preprocessing=manifest.preprocessing, tensors=tensors)

@@ -361,7 +361,7 @@ class ContrastStore:
         self.max_pairs = max(1, int(max_pairs))
         self.l2, self.seed = l2, seed
         self.on_compute = on_compute
-        channels = int(bundle.feature_shape[0]) if bundle.manifest.get("model") else None
+        channels = int(bundle.feature_shape[0])
         self._precomputed: dict[tuple[int, int], ContrastPair] = {}
         self._samples: dict[int, np.ndarray] = {}
         parts: dict[tuple[int, int], dict[str, np.ndarray]] = {}
@@ -459,12 +459,8 @@ class ContrastStore:
         cc = self.bundle.classes.get(a)
         if cc is not None:
             return cc.k
-        method = self.bundle.manifest.get("method")
-        if isinstance(method, dict):
-            k = method.get("k") or (method.get("params") or {}).get("concepts")
-            if k:
-                return int(k)
-        return 5
+        k = self.bundle.manifest.method.params.get("concepts")
+        return int(k) if isinstance(k, int) and k > 0 else 5
 
     def _compute(self, a: int, b: int) -> ContrastPair | None:
         start = time.perf_counter()

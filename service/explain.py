@@ -12,8 +12,9 @@ non-negative codes (H*W, k):
     residual       r   = GAP(V - S P) . u
     identity       target = sum_j c_j + r + bias,  target = logit_y (or logit_A - logit_B)
 
-For any other head h, weights come from the bundle (finite differences), the residual is
-h(A)_y - h(S P)_y and the bias is what remains: h(S P)_y - sum_j c_j.
+For any other head h, weights are finite differences at the class's anchor activations
+(:mod:`.head`: precompute stores the class weights, contrast weights are computed here the same
+way), the residual is h(A)_y - h(S P)_y and the bias is what remains: h(S P)_y - sum_j c_j.
 """
 from __future__ import annotations
 
@@ -24,9 +25,8 @@ from typing import Callable
 import numpy as np
 
 from .bundle import Bundle, ClassConcepts, PrototypeRef
+from .head import Head, HeadFn
 from .nnls import NNLSProjector
-
-HeadFn = Callable[[np.ndarray], np.ndarray]  # features (N, C, H, W) -> logits (N, K)
 
 
 @dataclass
@@ -104,10 +104,13 @@ class Explainer:
         b"; without one the class basis of ``a`` is used with the contrast weights.
         """
         self.bundle = bundle
-        self.head = head
-        self.contrast_projectors = contrast_projectors
-        if bundle.head_kind != "linear" and head is None:
+        if bundle.head_kind == "linear":
+            self.head = Head(weight=bundle.head_weight, bias=bundle.head_bias)
+        elif head is None:
             raise ValueError("this bundle's head is not linear: pass its head function")
+        else:
+            self.head = Head(fn=head)
+        self.contrast_projectors = contrast_projectors
         self._projectors = {cid: NNLSProjector.from_basis(c.basis) for cid, c in bundle.classes.items()}
         # d logit_y / d presence_j of each class: exact P_j . W[y] for a linear head (computed here,
         # once, so the identity holds whatever precision the bundle's weights were stored at)
@@ -173,9 +176,10 @@ class Explainer:
             residual = float(gap @ u) - float(presence.astype(np.float64) @ weights)
         else:
             recon = (codes @ proj.basis).T.reshape(1, c, h, w).astype(np.float32)
-            rl = self.head(recon)[0]
+            rl = self.head.logits(recon)[0]
             sel = (lambda z: z[class_id] - (z[contrast] if contrast is not None else 0.0))
-            weights = (cc.weights if contrast is None else self._fd_weights(proj.basis, class_id, contrast))
+            weights = cc.weights if contrast is None else self.head.concept_weights(
+                proj.basis, class_id, contrast, anchor=self.anchor(class_id))
             target = float(sel(logits))
             residual = target - float(sel(rl))
             bias = float(sel(rl)) - float(presence @ weights)
@@ -195,13 +199,10 @@ class Explainer:
             residual=residual, relative_residual=abs(residual) / denom if denom > 0 else 0.0,
             concepts=concepts, flags=list(cc.flags), method=method, contrast_class=contrast)
 
-    def _fd_weights(self, basis: np.ndarray, a: int, b: int) -> np.ndarray:
-        """Contrast weights for a non-linear head: derivative of logit_a - logit_b along each concept."""
-        c, h, w = self.bundle.feature_shape
-        eps = 1e-2
-        base = np.zeros((1, c, h, w), np.float32)
-        probes = np.concatenate([base + (s * eps * basis[j])[None, :, None, None]
-                                 for j in range(basis.shape[0]) for s in (1, -1)])
-        z = self.head(probes)
-        d = (z[:, a] - z[:, b]).reshape(-1, 2)
-        return ((d[:, 0] - d[:, 1]) / (2 * eps)).astype(np.float32)
+    def anchor(self, class_id: int) -> np.ndarray:
+        """(C, H, W): where a non-linear head's concept weights of ``class_id`` are measured (the
+        bundle's ``anchor/<class>``; zero activations for a bundle that has none)."""
+        found = self.bundle.tensors.get(f"anchor/{class_id}")
+        if found is not None:
+            return np.asarray(found, np.float32)
+        return np.zeros(self.bundle.feature_shape, np.float32)

@@ -1,7 +1,10 @@
 """Image decoding and preprocessing shared by precompute, the service and the TorchServe handler.
 
-Resize the short side to ``resize``, center crop ``crop``, scale to [0, 1], normalize by mean/std,
-channels first. JPEG is decoded at reduced size (``draft``) when the image is much larger than
+Resize the short side to ``resize`` with the manifest's interpolation, center crop ``crop``, scale
+to [0, 1], normalize by mean/std, channels first: torchvision's ``Resize(resize)``,
+``CenterCrop(crop)``, ``ToTensor()``, ``Normalize(mean, std)`` on a PIL image, pixel for pixel (the
+long side is truncated, the crop offset rounded, as torchvision does), which is also what timm's
+eval transform does with resize = floor(crop / crop_pct). JPEG is decoded at reduced size (``draft``) when the image is much larger than
 needed, which is most of the decode cost for camera-sized photos.
 
 YCbCr and grayscale JPEGs are decoded by libjpeg-turbo's TurboJPEG API (``simplejpeg``) straight
@@ -133,8 +136,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
 def resize_crop(img: Image.Image | np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """Short side to ``pre.resize`` (bilinear), then the central ``pre.crop`` square: (crop, crop, 3) uint8.
+    """Short side to ``pre.resize`` (``pre.interpolation``), then the central ``pre.crop`` square:
+    (crop, crop, 3) uint8.
 
     ``img``: an RGB PIL image or (H, W, 3) uint8 array. The crop is a numpy view of the pixels
     (cheaper than PIL's crop and conversion).
@@ -142,16 +149,20 @@ def resize_crop(img: Image.Image | np.ndarray, pre: Preprocessing) -> np.ndarray
     size = (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else img.size
     nw, nh, left, top = _resized_crop(size, pre)
     if (nw, nh) != size:
-        img = (Image.fromarray(img) if isinstance(img, np.ndarray) else img).resize((nw, nh), Image.BILINEAR)
+        img = (Image.fromarray(img) if isinstance(img, np.ndarray) else img).resize((nw, nh),
+                                                                                   RESAMPLE[pre.interpolation])
     return np.asarray(img)[top:top + pre.crop, left:left + pre.crop]
 
 
 def _resized_crop(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int, int, int]:
     """(resized width, resized height, crop left, crop top) for an image of ``size`` (w, h)."""
     w, h = size
-    scale = pre.resize / min(w, h)
-    nw, nh = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
-    return nw, nh, (nw - pre.crop) // 2, (nh - pre.crop) // 2
+    if w <= h:  # torchvision: the short side becomes ``resize``, the long one int(resize * long / short)
+        nw, nh = pre.resize, int(pre.resize * h / w)
+    else:
+        nw, nh = int(pre.resize * w / h), pre.resize
+    nw, nh = max(pre.crop, nw), max(pre.crop, nh)
+    return nw, nh, int(round((nw - pre.crop) / 2.0)), int(round((nh - pre.crop) / 2.0))
 
 
 def crop_box(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int, int, int]:

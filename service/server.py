@@ -250,7 +250,7 @@ class ServingModel:
             return None
         # where the model runs (a TorchServe worker's GPU included), else as configured
         providers = getattr(runtime, "providers_requested", None) or select_providers(config.device)
-        sess = open_session(bundle.root / bundle.manifest["model"]["head"]["file"], providers)
+        sess = open_session(bundle.head_path, providers)
         name = sess.get_inputs()[0].name
         return lambda f: sess.run(None, {name: np.ascontiguousarray(f, np.float32)})[0]
 
@@ -457,18 +457,16 @@ class ServingModel:
 
     def _model_info(self) -> pb.GetModelInfoResponse:
         b, m = self.bundle, self.bundle.manifest
-        model = m.get("model", {})
-        method = m.get("method", {})
+        pre = b.preprocessing
         return pb.GetModelInfoResponse(
-            bundle_id=b.bundle_id, schema_version=int(m.get("schema_version", 0)),
-            created_at=str(m.get("created_at", "")), model_name=str(model.get("name", "")),
-            model_sha256=str(model.get("sha256", "")), layer=str(model.get("layer", "")),
-            feature_shape=[int(v) for v in model.get("feature_shape", [])], num_classes=self.num_classes,
-            num_explained_classes=len(b.classes), head_kind=b.head_kind,
-            method=str(method.get("name", "") if isinstance(method, dict) else method),
-            resize=b.preprocessing.resize, crop=b.preprocessing.crop, mean=list(b.preprocessing.mean),
-            std=list(b.preprocessing.std), runtime=self.runtime.name, providers=list(self.runtime.providers),
-            max_batch_size=self.config.max_batch_size)
+            bundle_id=b.bundle_id, schema_version=m.schema_version, created_at=m.created_at,
+            model_name=m.model.name, model_sha256=m.model.file_sha256, layer=m.model.layer,
+            feature_shape=list(m.model.feature_shape), num_classes=self.num_classes,
+            num_explained_classes=len(b.classes), head_kind=b.head_kind, method=m.method.name,
+            resize=pre.resize, crop=pre.crop, mean=list(pre.mean), std=list(pre.std),
+            runtime=self.runtime.name, providers=list(self.runtime.providers),
+            max_batch_size=self.config.max_batch_size, model_source=m.model.source,
+            interpolation=pre.interpolation)
 
     def warmup(self, max_batch_size: int) -> None:
         """Run every batch size up to the largest once (powers of two), and one explanation."""

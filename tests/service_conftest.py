@@ -72,7 +72,8 @@ def write_tiny_bundle(out: Path, seed: int = 0, extra_tensors=None) -> Path:
     """The tiny bundle (see the module docstring); ``extra_tensors(rng)`` may add tensors (samples,
     contrast pairs) drawn from the same generator after the bases."""
     from conceptlens.precompute.bundle_writer import write_bundle
-    from conceptlens.service.bundle import Preprocessing
+    from conceptlens.service.bundle import sha256_file
+    from conceptlens.service.manifest import ClassEntry, HeadCard, MethodCard, ModelCard, Preprocessing
 
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx_path = out.parent / f"tiny-{seed}.onnx"
@@ -84,9 +85,9 @@ def write_tiny_bundle(out: Path, seed: int = 0, extra_tensors=None) -> Path:
         basis = np.abs(rng.standard_normal((k, TINY_C))).astype(np.float32)
         tensors[f"basis/{cid}"] = basis
         tensors[f"weights/{cid}"] = (basis @ fc_w[cid]).astype(np.float32)
-        classes[cid] = {"name": TINY_CLASSES[cid], "k": k, "method": "nmf",
-                        "metrics": {"fidelity": {"relative_l1": 0.1 + cid / 100}, "reconstruction_error": 0.2},
-                        "flags": ["failed_stitched_prototype_test"] if cid == 2 else []}
+        classes[cid] = ClassEntry(name=TINY_CLASSES[cid], k=k, method="nmf",
+                                  metrics={"fidelity": {"relative_l1": 0.1 + cid / 100}, "reconstruction_error": 0.2},
+                                  flags=["failed_stitched_prototype_test"] if cid == 2 else [])
         protos[cid] = []
         for j in range(k):
             refs = []
@@ -99,11 +100,13 @@ def write_tiny_bundle(out: Path, seed: int = 0, extra_tensors=None) -> Path:
     if extra_tensors is not None:
         tensors.update(extra_tensors(rng))
     return write_bundle(out, model_onnx=onnx_path,
-                        model_info={"name": "tiny-cnn", "sha256": "0" * 64, "layer": "relu",
-                                    "feature_shape": [TINY_C, 7, 7], "num_classes": len(TINY_CLASSES)},
+                        model=ModelCard(source=f"onnx:{onnx_path.name}", name="tiny-cnn",
+                                        file_sha256=sha256_file(onnx_path), layer="features",
+                                        feature_shape=(TINY_C, 7, 7), num_classes=len(TINY_CLASSES),
+                                        head=HeadCard("linear", "head.safetensors")),
                         class_names=TINY_CLASSES, preprocessing=Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3),
                         head_weight=fc_w, head_bias=fc_b, head_onnx=None, classes=classes, tensors=tensors,
-                        prototypes=protos, prototype_jpegs=jpegs, method={"name": "nmf", "k": 3})
+                        prototypes=protos, prototype_jpegs=jpegs, method=MethodCard("nmf", {"concepts": 3}))
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def test_onnx_matches_torch_and_top1_on_imagenet_samples(cifar_bundle):
     files = sorted(IMAGENET.glob("*.jpg"))
     x = np.stack([preprocess_bytes(f.read_bytes(), bundle.preprocessing)[0] for f in files[:16]])
     with torch.no_grad():
-        ref = model.head(model.features(torch.from_numpy(x))).numpy()
+        ref = model.torch_head(model.features(torch.from_numpy(x))).numpy()
     _, logits = session.run(["features", "logits"], {"image": x})
     rel = np.abs(logits - ref).max() / np.abs(ref).max()
     assert rel < 1e-4, rel
@@ -57,14 +57,15 @@ def test_bundle_loads_verifies_and_explains_held_out_images(cifar_bundle):
     bundle = load_bundle(cifar_bundle)
     assert bundle.classes, "the bundle has classes"
     man = bundle.manifest
-    assert man["model"]["name"] == "efficientnet-lite0" and man["model"]["feature_shape"] == [1280, 7, 7]
+    assert man.model.name == "efficientnet-lite0" and man.model.feature_shape == (1280, 7, 7)
+    assert man.model.source == "efficientnet-lite0" and man.model.file_sha256 and man.method.name == "nmf"
     for cid, cc in bundle.classes.items():
         assert cc.basis.shape == (5, 1280) and (cc.basis >= 0).all()
         assert len(cc.prototypes) == 5 and all(len(p) == 3 for p in cc.prototypes)
         for concept in cc.prototypes:
             for ref in concept:
                 assert (cifar_bundle / ref.file).is_file()
-        m = man["classes"][str(cid)]["metrics"]["held_out"]
+        m = man.classes[cid].metrics["held_out"]
         assert 0 <= m["recon_error"] < 1 and m["identity_max_error"] < 1e-3
     # Held-out images: the CIFAR-10 test shard, never seen by precompute.
     explainer = Explainer(bundle)
@@ -152,7 +153,7 @@ def test_sharded_run_merges_into_one_bundle(cifar_bundle_config, cifar_bundle, t
     merged, single = load_bundle(out), load_bundle(cifar_bundle)
     assert set(merged.classes) == set(single.classes)
     for cid in merged.classes:
-        assert merged.manifest["classes"][str(cid)]["images"] == single.manifest["classes"][str(cid)]["images"]
+        assert merged.manifest.classes[cid].images == single.manifest.classes[cid].images
 
 
 def test_cli_bad_inputs_give_clear_messages(tmp_path, cifar_shard):
