@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q --upgrade pip setuptools wheel grpcio-tools
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q --no-build-isolation -e '.[precompute,test,torchserve]'
+	$(PIP) install -q --no-deps 'tritonclient[http,grpc]==2.73.0'  # its deps are in [test]; see pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)

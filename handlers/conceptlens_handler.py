@@ -43,7 +43,8 @@ from conceptlens.handlers.worker_runtime import WorkerOnnxRuntime
 from conceptlens.service.bundle import load_bundle
 from conceptlens.service.config import ServerConfig
 from conceptlens.service.runtime import single_threaded_blas
-from conceptlens.service.server import ServingModel, status_for
+from conceptlens.service.errors import status_for
+from conceptlens.service.serving_model import ServingModel
 from conceptlens.v1 import explain_service_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf import json_format
 
+from ..service.errors import InvalidInputError
 from ..v1 import explain_service_pb2 as pb
 
 MAX_TENSOR_ROWS = 64  # images per feature request (the service sends its batches, 8 by default)
 
 
-class RequestError(ValueError):
+class RequestError(InvalidInputError):
     """A request that cannot be served as sent: answered 400 with this message."""
 
 

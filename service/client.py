@@ -112,33 +112,43 @@ class ExplainClient:
     def _kw(self, timeout):
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._metadata}
 
-    def explain(self, image: bytes | str | os.PathLike, *, timeout: float | None = None, **options) -> pb.ExplainResponse:
-        """Explain one image (bytes or a path); ``options`` are those of :func:`make_options`."""
+    def explain(self, image: bytes | str | os.PathLike, *, timeout: float | None = None, model: str = "",
+                version: int = 0, **options) -> pb.ExplainResponse:
+        """Explain one image (bytes or a path) with ``model`` (default: the server's default model)
+        at ``version`` (0: the newest); ``options`` are those of :func:`make_options`."""
         data = image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
-        request = pb.ExplainRequest(image=bytes(data), options=make_options(**options))
+        request = pb.ExplainRequest(image=bytes(data), options=make_options(**options), model=model, version=version)
         return self.stub.Explain(request, **self._kw(timeout))
 
-    def explain_many(self, images: Iterable[tuple[str, bytes]], *, timeout: float | None = None,
-                     **options) -> Iterator[pb.ExplainStreamResponse]:
+    def explain_many(self, images: Iterable[tuple[str, bytes]], *, timeout: float | None = None, model: str = "",
+                     version: int = 0, **options) -> Iterator[pb.ExplainStreamResponse]:
         """Stream (item_id, image bytes) pairs; yields answers as they finish (check .status.code)."""
         opts = make_options(**options)
-        requests = (pb.ExplainStreamRequest(item_id=item_id, request=pb.ExplainRequest(image=data, options=opts))
-                    for item_id, data in images)
+        requests = (pb.ExplainStreamRequest(item_id=item_id, request=pb.ExplainRequest(
+            image=data, options=opts, model=model, version=version)) for item_id, data in images)
         return self.stub.ExplainStream(requests, **self._kw(timeout))
 
     def class_concepts(self, cls: int | str, *, prototypes: int | None = None, jpeg: bool = False,
-                       timeout: float | None = None) -> pb.GetClassConceptsResponse:
+                       timeout: float | None = None, model: str = "", version: int = 0) -> pb.GetClassConceptsResponse:
         request = pb.GetClassConceptsRequest(class_ref=class_ref(cls), prototype_format=pb.PROTOTYPE_FORMAT_JPEG
-                                             if jpeg else pb.PROTOTYPE_FORMAT_REFERENCE)
+                                             if jpeg else pb.PROTOTYPE_FORMAT_REFERENCE, model=model, version=version)
         if prototypes is not None:
             request.prototypes_per_concept = prototypes
         return self.stub.GetClassConcepts(request, **self._kw(timeout))
 
-    def list_classes(self, with_concepts_only: bool = False, timeout: float | None = None) -> pb.ListClassesResponse:
-        return self.stub.ListClasses(pb.ListClassesRequest(with_concepts_only=with_concepts_only), **self._kw(timeout))
+    def list_classes(self, with_concepts_only: bool = False, timeout: float | None = None, model: str = "",
+                     version: int = 0) -> pb.ListClassesResponse:
+        return self.stub.ListClasses(pb.ListClassesRequest(with_concepts_only=with_concepts_only, model=model,
+                                                           version=version), **self._kw(timeout))
 
-    def model_info(self, timeout: float | None = None) -> pb.GetModelInfoResponse:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout))
+    def model_info(self, timeout: float | None = None, model: str = "", version: int = 0) -> pb.GetModelInfoResponse:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model, version=version), **self._kw(timeout))
+
+    def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
+        return self.stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout))
+
+    def reload_models(self, timeout: float | None = None) -> pb.ReloadModelsResponse:
+        return self.stub.ReloadModels(pb.ReloadModelsRequest(), **self._kw(timeout))
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """SERVING, NOT_SERVING, ... of the standard health service."""

@@ -18,7 +18,15 @@ def _f(default, help: str, **extra):
 
 @dataclass
 class ServerConfig:
-    bundle: str = _f(None, "bundle directory written by `conceptlens precompute` (required)")
+    bundle: str = _f(None, "one bundle directory written by `conceptlens precompute` (a repository of one model)")
+    repository: str = _f(None, "model repository DIR/<model>/<version>/ of bundles (Triton's layout), loaded live")
+    model_name: str = _f(None, "--bundle: the model's name (default: the bundle directory's name)")
+    default_model: str = _f(None, "model for requests that name none (default: the only model)")
+    keep_versions: int = _f(1, "loaded versions kept per model (the newest); older ones are unloaded")
+    repository_poll_s: float = _f(10.0, "seconds between scans of --repository for new versions (0: only on "
+                                        "SIGHUP and ReloadModels)")
+    http_host: str = _f("0.0.0.0", "address of the HTTP/JSON API, the inference protocol and the page")
+    http_port: int = _f(8080, "HTTP port (0 turns HTTP off)")
     host: str = _f("[::]", "address to listen on")
     port: int = _f(50051, "gRPC port (0 picks a free one)")
     metrics_host: str = _f("0.0.0.0", "address of the Prometheus /metrics endpoint")
@@ -68,8 +76,10 @@ class ServerConfig:
 
     def validate(self) -> "ServerConfig":
         """Raise ValueError for settings that cannot work."""
-        if not self.bundle:
-            raise ValueError("--bundle is required")
+        if not self.bundle and not self.repository:
+            raise ValueError("--bundle or --repository is required")
+        if self.bundle and self.repository:
+            raise ValueError("--bundle and --repository exclude each other")
         for name in ("max_batch_size", "max_queue_size", "max_concurrent_batches", "workers",
                      "stream_concurrency", "max_message_bytes", "max_pixels"):
             if getattr(self, name) < 1:

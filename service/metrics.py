@@ -18,7 +18,8 @@ servers can live in one process (tests).
     conceptlens_residual{class_id, class_name}            residual, logit units
     conceptlens_relative_residual{class_id, class_name}   |r| / (sum |c| + |r|)
     conceptlens_ready                                     1 once the bundle is loaded and warmed
-    conceptlens_bundle_info{bundle_id, model, method, runtime}   1
+    conceptlens_bundle_info{bundle_id, model, method, runtime}   1 per loaded version
+    conceptlens_model_loads_total{model, result}          version loads: loaded | failed (refused, the old kept)
 
 The per-class series exist only for classes that were explained (at most classes x concepts
 series); ``--no-concept-metrics`` turns them off.
@@ -71,12 +72,18 @@ class Metrics:
         self.relative_residual = Histogram("conceptlens_relative_residual",
                                            "Relative residual of explained classes",
                                            ["class_id", "class_name"], buckets=RELATIVE_BUCKETS, registry=r)
+        self.model_loads = Counter("conceptlens_model_loads", "Model version loads by model and result "
+                                   "(loaded, failed)", ["model", "result"], registry=r)
         self.ready = Gauge("conceptlens_ready", "1 once the bundle is loaded and the model warmed", registry=r)
         self.bundle_info = Gauge("conceptlens_bundle_info", "The bundle served",
                                  ["bundle_id", "model", "method", "runtime"], registry=r)
         self._http = None
 
     # -- hooks -------------------------------------------------------------------------------
+    def model_load(self, model: str, result: str) -> None:
+        """A model version finished loading: result "loaded" or "failed" (refused, the old one kept)."""
+        self.model_loads.labels(model, result).inc()
+
     def rpc(self, method: str, code: str, seconds: float) -> None:
         children = self._rpc_children.get((method, code))
         if children is None:

@@ -29,13 +29,14 @@ except ImportError:  # a speed-up only: Pillow decodes the same pixels
     simplejpeg = None
 
 from .bundle import Preprocessing
+from .errors import InvalidInputError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard, width * height
 FORMATS = ("JPEG", "PNG", "WEBP")
 FAST_JPEG_COLORSPACES = ("YCbCr", "Gray")  # TurboJPEG converts these to RGB exactly as Pillow does
 
 
-class ImageError(ValueError):
+class ImageError(InvalidInputError):
     """An image that cannot be used: empty, truncated, not an image, too large, odd mode."""
 
 

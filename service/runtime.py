@@ -165,6 +165,24 @@ class OnnxRuntime:
         self.session = None
 
 
+def run_any_batch(runtime: Runtime, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``runtime.run`` for a batch of any size N, also on a model exported with a fixed batch size
+    (run in padded chunks of that size): (features (N, C, H, W), logits (N, K))."""
+    fixed = runtime.max_batch_size
+    if not fixed or len(batch) == fixed:
+        return runtime.run(batch)
+    feats, logits = [], []
+    for s in range(0, len(batch), fixed):
+        part = batch[s:s + fixed]
+        n = len(part)
+        if n < fixed:
+            part = np.concatenate([part, np.zeros((fixed - n, *part.shape[1:]), part.dtype)])
+        f, z = runtime.run(part)
+        feats.append(f[:n])
+        logits.append(z[:n])
+    return np.concatenate(feats), np.concatenate(logits)
+
+
 RuntimeFactory = Callable[..., Runtime]
 _RUNTIMES: dict[str, RuntimeFactory] = {}
 

@@ -1,4 +1,5 @@
-"""``conceptlens serve --bundle DIR``: run the gRPC explanation service until SIGTERM.
+"""``conceptlens serve --bundle DIR | --repository DIR``: run the explanation service until SIGTERM
+(SIGHUP rescans the repository).
 
 Every flag is a field of :class:`ServerConfig` (``--max-batch-size`` is ``max_batch_size``) and is
 also read from ``CONCEPTLENS_<FLAG>``. Exit status 0 after a graceful drain, 2 for a bad setting

@@ -19,29 +19,40 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServeProcess:
-    """A server of ``bundle`` with extra ``flags``, gRPC and metrics on free ports of ``host``.
+    """A server of ``bundle`` (or of the model repository ``repository``) with extra ``flags``;
+    gRPC, HTTP and metrics on free ports of ``host`` (unless ``flags`` set them).
 
     ``log``: a file path for its output (else discarded); ``env``: extra environment variables
     (flags can come from the environment too). ``stop`` sends SIGTERM (the server drains) and
     returns the exit status.
     """
 
-    def __init__(self, bundle: str | os.PathLike, *flags: str, log: str | os.PathLike | None = None,
-                 env: dict[str, str] | None = None, host: str = "127.0.0.1", log_level: str | None = None):
+    def __init__(self, bundle: str | os.PathLike | None, *flags: str, log: str | os.PathLike | None = None,
+                 env: dict[str, str] | None = None, host: str = "127.0.0.1", log_level: str | None = None,
+                 repository: str | os.PathLike | None = None):
         self.host = host
         self.log_path = Path(log) if log else None
         self.port, self.metrics_port = free_port(host), free_port(host)
+        self.http_port = None if "--http-port" in flags else free_port(host)
+        if self.http_port is None:
+            self.http_port = int(flags[flags.index("--http-port") + 1]) or None
         self._log: IO | int = open(log, "w") if log else subprocess.DEVNULL
+        source = ["--repository", str(Path(repository))] if repository else ["--bundle", str(Path(bundle))]
+        http = [] if "--http-port" in flags else ["--http-host", host, "--http-port", str(self.http_port)]
         cmd = [sys.executable, "-m", "conceptlens", *(["--log-level", log_level] if log_level else []),
-               "serve", "--bundle", str(Path(bundle)),
-               "--host", host, "--port", str(self.port), "--metrics-host", host,
-               "--metrics-port", str(self.metrics_port), *flags]
+               "serve", *source, "--host", host, "--port", str(self.port), "--metrics-host", host,
+               "--metrics-port", str(self.metrics_port), *http, *flags]
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=self._log,
                                      stderr=subprocess.STDOUT)
 
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of its HTTP API (None with --http-port 0)."""
+        return f"http://{self.host}:{self.http_port}" if self.http_port else None
 
     def wait_ready(self, timeout: float = 300) -> None:
         """Block until health says SERVING; stops the process and raises if it never does."""

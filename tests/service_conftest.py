@@ -164,11 +164,15 @@ class ServerThread:
     Lets synchronous tests (and module-scoped fixtures) use the real server with blocking clients.
     """
 
-    def __init__(self, config, bundle=None, runtime=None):
+    def __init__(self, config, bundle=None, runtime=None, http: bool = False):
         import asyncio
+        import dataclasses
         import threading
 
         from conceptlens.service.server import ExplainServer
+
+        # HTTP on a free port only when a test asks for it (the default 8080 would collide)
+        config = dataclasses.replace(config, http_port=free_port() if http else 0, http_host="127.0.0.1")
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server")

@@ -200,3 +200,139 @@ def test_source_serves_the_models_own_logits_and_names(kind, user_data, tmp_path
     report = write_report(bundle, tmp_path / "report")
     index = (report / "index.html").read_text()
     assert all(name in index for name in LABELS)
+
+
+# ---- errors and names: fast, with tiny models and generated images --------------------------------
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """An ImageFolder of 4 user classes x 3 random PNGs (the user's folder names, not the model's)."""
+    root = tmp_path_factory.mktemp("tiny-folder")
+    rng = np.random.default_rng(0)
+    for name in ("boots", "coats", "hats", "shirts"):
+        (root / name).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """A 4-class timm test model (state dict) and the same as ONNX; a 3-class ONNX."""
+    import timm
+    import torch
+
+    d = tmp_path_factory.mktemp("tiny-models")
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=4).eval()
+    torch.save(net.state_dict(), d / "ft.pth")
+    three = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    for name, m in (("four.onnx", net), ("three.onnx", three)):
+        torch.onnx.export(m, (torch.zeros(1, 3, 160, 160),), str(d / name), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    (d / "garbage.onnx").write_bytes(b"not an onnx model")
+    return {"weights": d / "ft.pth", "onnx": d / "four.onnx", "onnx3": d / "three.onnx",
+            "garbage": d / "garbage.onnx", "dir": d}
+
+
+def _precompute_error(capsys, tiny_folder, tmp_path, *args) -> str:
+    code = cli.main(["precompute", "--data", str(tiny_folder), "--out", str(tmp_path / "b"), "--group-by", "label",
+                     "--min-images", "2", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("conceptlens precompute: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_bad_models_and_layers_are_one_line_errors(capsys, tiny_folder, tiny_models, tmp_path):
+    w = str(tiny_models["weights"])
+    assert "unknown model source 'keras:net'" in _precompute_error(capsys, tiny_folder, tmp_path, "--model", "keras:net")
+    assert "unknown timm model 'no_such_net'" in _precompute_error(
+        capsys, tiny_folder, tmp_path, "--model", "timm:no_such_net", "--weights", w)
+    assert "does not exist" in _precompute_error(capsys, tiny_folder, tmp_path, "--model", "onnx:/nope/model.onnx")
+    assert "does not exist" in _precompute_error(capsys, tiny_folder, tmp_path, "--model", "torchscript:/nope.pt")
+    assert "not a valid ONNX model" in _precompute_error(capsys, tiny_folder, tmp_path, "--model",
+                                                    f"onnx:{tiny_models['garbage']}")
+    assert "weights file" in _precompute_error(capsys, tiny_folder, tmp_path, "--model", "timm:test_resnet",
+                                               "--weights", str(tmp_path / "missing.pth"))
+    assert "do not fit" in _precompute_error(capsys, tiny_folder, tmp_path, "--model", "torchvision:resnet18",
+                                             "--weights", w)
+    err = _precompute_error(capsys, tiny_folder, tmp_path, "--model", "timm:test_resnet", "--weights", w,
+                            "--layer", "nolayer")
+    assert "unknown layer 'nolayer'" in err and "layer4" in err  # the candidates are listed
+    err = _precompute_error(capsys, tiny_folder, tmp_path, "--model", f"onnx:{tiny_models['onnx']}", "--layer", "nolayer")
+    assert "nolayer" in err and "layer4" in err
+    err = _precompute_error(capsys, tiny_folder, tmp_path, "--model", "timm:test_resnet", "--weights", w,
+                            "--layer", "global_pool")  # pooled: a vector per image, not a map
+    assert "C x H x W" in err or "C×H×W" in err
+
+
+def test_bad_labels_files_are_one_line_errors(capsys, tiny_folder, tiny_models, tmp_path):
+    src = ["--model", f"onnx:{tiny_models['onnx']}"]
+    cases = {"three.txt": ("a\nb\nc\n", "has 3 names but the model has 4 outputs"),
+             "dup.txt": ("boots\ncoats\nBoots\nhats\n", "appears twice"),
+             "empty.txt": ("\n\n", "is empty"),
+             "blank.txt": ("boots\n\ncoats\nhats\n", "line 2 is blank"),
+             "bad.json": ('["boots", 3]', "list of strings")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert message in _precompute_error(capsys, tiny_folder, tmp_path, *src, "--labels", str(tmp_path / name))
+    assert "does not exist" in _precompute_error(capsys, tiny_folder, tmp_path, *src, "--labels",
+                                                 str(tmp_path / "none.txt"))
+    # folders that are not the model's classes, and not as many as its outputs: the error says --labels
+    assert "--labels" in _precompute_error(capsys, tiny_folder, tmp_path, "--model", f"onnx:{tiny_models['onnx3']}")
+
+
+def test_folders_name_the_outputs_in_sorted_order_and_labels_win(tiny_folder, tiny_models, tmp_path):
+    """torchvision's ImageFolder convention: without --labels, 4 folders for 4 outputs name them in
+    sorted order; with --labels the names are the file's, and folders map to them by name."""
+    from conceptlens.precompute.job import Job, PrecomputeConfig
+
+    cfg = PrecomputeConfig(model=f"onnx:{tiny_models['onnx']}", data=str(tiny_folder), out=str(tmp_path / "b"),
+                           group_by="label")
+    job = Job(cfg)
+    assert job.model.class_names == ["boots", "coats", "hats", "shirts"]
+    group = job._group_of()
+    assert [group(label, 0) for label in range(4)] == [0, 1, 2, 3]
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(["shirts", "hats", "coats", "boots"]))  # the model's own order
+    job = Job(PrecomputeConfig(model=cfg.model, data=cfg.data, out=cfg.out, group_by="label", labels=str(labels)))
+    assert job.model.class_names == ["shirts", "hats", "coats", "boots"]
+    group = job._group_of()
+    assert [group(label, 0) for label in range(4)] == [3, 2, 1, 0]  # folder "boots" (label 0) is output 3
+
+
+def test_preprocessing_flags_reach_the_manifest_and_the_feature_shape(tiny_models):
+    from conceptlens.precompute.models import PreprocessingOverrides, load_model
+
+    import timm
+    import timm.data
+
+    m = load_model("timm:test_resnet", str(tiny_models["weights"]))
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model("test_resnet", pretrained=False))
+    assert m.preprocessing.crop == cfg["input_size"][1] and m.preprocessing.interpolation == cfg["interpolation"]
+    assert m.preprocessing.resize == int(cfg["input_size"][1] / cfg["crop_pct"]) and m.preprocessing.std == cfg["std"]
+    m = load_model("timm:test_resnet", str(tiny_models["weights"]),
+                   preprocessing=PreprocessingOverrides(crop=96, mean=(0.1, 0.2, 0.3), interpolation="bicubic"))
+    assert m.preprocessing.crop == 96 and m.preprocessing.mean == (0.1, 0.2, 0.3)
+    assert m.preprocessing.interpolation == "bicubic" and m.preprocessing.std == cfg["std"]
+    assert m.preprocessing.resize == 100  # the source resize/crop ratio (168/160) kept: 96 * 1.05 = 100.8
+    assert m.feature_shape[1:] == (3, 3)  # measured at the new crop (stride 32)
+
+
+def test_a_bundle_of_an_older_schema_gets_a_clear_error(tiny_bundle, tmp_path):
+    import shutil
+
+    from conceptlens.service.bundle import BundleError, load_bundle
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="older conceptlens, run `conceptlens precompute` again"):
+        load_bundle(old)
+    manifest["schema_version"] = 2
+    del manifest["model"]["source"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="model.source is missing"):
+        load_bundle(old)
