@@ -334,13 +334,27 @@ def build_app(server) -> web.Application:
     return app
 
 
+def _ssl_context(cfg):
+    """HTTPS with the gRPC port's certificate (and client certificates with --tls-client-ca), or None."""
+    if not cfg.tls_cert:
+        return None
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    if cfg.tls_client_ca:
+        ctx.load_verify_locations(cfg.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 async def start_http(server, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve ``build_app(server)`` on host:port (0: a free port); returns the runner (``await
     runner.cleanup()`` stops it) and the bound port."""
     runner = web.AppRunner(build_app(server), access_log=None, shutdown_timeout=server.config.grace_s)
     await runner.setup()
     host = host.strip("[]") or None  # "[::]" as gRPC spells it
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=_ssl_context(server.config))
     try:
         await site.start()
     except BaseException:

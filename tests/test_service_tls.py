@@ -6,6 +6,7 @@ import subprocess
 
 import grpc
 import pytest
+from pathlib import Path
 from service_conftest import ServerThread, jpeg_bytes
 
 from conceptlens.service.client import ExplainClient
@@ -32,9 +33,21 @@ def pki(tmp_path_factory):
     return d
 
 
+def _https_get(url: str, ca: Path | None = None, cert: tuple[Path, Path] | None = None) -> int:
+    import ssl
+    import urllib.request
+
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
+    if cert:
+        ctx.load_cert_chain(*map(str, cert))
+    return urllib.request.urlopen(url, timeout=5, context=ctx).status
+
+
 def test_tls(pki, tiny_bundle):
+    import urllib.error
+
     srv = ServerThread(ServerConfig(bundle=str(tiny_bundle), port=0, metrics_port=0, no_warmup=True,
-                                    tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key")))
+                                    tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key")), http=True)
     try:
         target = f"localhost:{srv.port}"
         with ExplainClient(target, tls_ca=str(pki / "ca.pem"), token="ignored") as c:
@@ -42,14 +55,21 @@ def test_tls(pki, tiny_bundle):
         with ExplainClient(target, timeout=3) as plain:  # plaintext against TLS fails
             with pytest.raises(grpc.RpcError):
                 plain.model_info()
+        # the HTTP port speaks HTTPS with the same certificate, never plaintext
+        assert _https_get(f"https://localhost:{srv.server.http_port}/healthz", ca=pki / "ca.pem") == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            _https_get(f"http://localhost:{srv.server.http_port}/healthz")
     finally:
         srv.stop()
 
 
 def test_mutual_tls(pki, tiny_bundle):
+    import ssl
+    import urllib.error
+
     srv = ServerThread(ServerConfig(bundle=str(tiny_bundle), port=0, metrics_port=0, no_warmup=True,
                                     tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
-                                    tls_client_ca=str(pki / "ca.pem")))
+                                    tls_client_ca=str(pki / "ca.pem")), http=True)
     try:
         target = f"localhost:{srv.port}"
         with ExplainClient(target, tls_ca=str(pki / "ca.pem"), tls_cert=str(pki / "client.pem"),
@@ -59,6 +79,10 @@ def test_mutual_tls(pki, tiny_bundle):
             with pytest.raises(grpc.RpcError) as e:
                 no_cert.model_info()
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        url = f"https://localhost:{srv.server.http_port}/healthz"
+        assert _https_get(url, ca=pki / "ca.pem", cert=(pki / "client.pem", pki / "client.key")) == 200
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _https_get(url, ca=pki / "ca.pem")  # no client certificate
     finally:
         srv.stop()
 
