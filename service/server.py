@@ -278,20 +278,22 @@ class ExplainServer:
     def list_models(self) -> pb.ListModelsResponse:
         return self.repository.status()
 
-    @property
-    def model(self) -> ServingModel | None:
-        """The default model's newest version (tests and single-model tools)."""
+    def _default_version(self) -> ModelVersion | None:
         try:
-            return self.resolve().model
+            return self.resolve()
         except (UnavailableError, ModelNotFoundError, InvalidInputError):
             return None
 
     @property
+    def model(self) -> ServingModel | None:
+        """The default model's newest version (tests and single-model tools)."""
+        mv = self._default_version()
+        return mv.model if mv else None
+
+    @property
     def batcher(self) -> BatchQueue | None:
-        try:
-            return self.resolve().batcher
-        except (UnavailableError, ModelNotFoundError, InvalidInputError):
-            return None
+        mv = self._default_version()
+        return mv.batcher if mv else None
 
     async def class_concepts(self, request: pb.GetClassConceptsRequest) -> pb.GetClassConceptsResponse:
         mv = self._acquire(request.model, request.version)

@@ -18,6 +18,18 @@ CIFAR = DATA / "cifar10"
 IMAGENET = DATA / "imagenet-samples"
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one intra-op thread for a module of small batched problems (a second thread costs
+    more than it saves on them)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def require_data() -> None:
     if not CIFAR.is_dir():
         pytest.skip(f"real data not found at {DATA} (set CONCEPTLENS_DATA)")

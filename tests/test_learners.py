@@ -14,13 +14,7 @@ from conceptlens.precompute.learners.face import (NNLSCodes, _FaceObjective, nnl
                                                   served_metrics, sweep_lambda)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these problems are small batched ops: a second intra-op thread costs more than it saves
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def directions(k: int, c: int, seed: int, density: float = 0.35, channels: slice = slice(None)) -> torch.Tensor:

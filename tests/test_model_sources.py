@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conceptlens.precompute.models import quiet_export
 from conceptlens.service import cli
 
 from conftest import IMAGENET
@@ -120,9 +121,10 @@ def make_source(kind: str, d: Path) -> Source:
 
         net = torchvision.models.resnet18(num_classes=len(LABELS)).eval()
         path = d / "user.onnx"
-        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(path), input_names=["input"],
-                          output_names=["output"], dynamic_axes={"input": {0: "n"}, "output": {0: "n"}},
-                          opset_version=17, dynamo=False)
+        with quiet_export():
+            torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(path), input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "n"}, "output": {0: "n"}},
+                              opset_version=17, dynamo=False)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         transform = _tv_transform(256, 224, *imagenet)
         return Source(f"onnx:{path}", None,
@@ -141,8 +143,9 @@ def make_source(kind: str, d: Path) -> Source:
 
         net = Net().eval()
         path = d / "user.pt"
-        torch.jit.trace(net, torch.zeros(1, 3, 224, 224)).save(str(path))
-        scripted = torch.jit.load(str(path))
+        with quiet_export():  # torch.jit's deprecation warnings
+            torch.jit.trace(net, torch.zeros(1, 3, 224, 224)).save(str(path))
+            scripted = torch.jit.load(str(path))
         return Source(f"torchscript:{path}", None, _torch_reference(scripted, _tv_transform(256, 224, *imagenet)),
                       expect_head="generic")
     raise AssertionError(kind)
@@ -227,8 +230,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     torch.save(net.state_dict(), d / "ft.pth")
     three = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
     for name, m in (("four.onnx", net), ("three.onnx", three)):
-        torch.onnx.export(m, (torch.zeros(1, 3, 160, 160),), str(d / name), input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+        with quiet_export():
+            torch.onnx.export(m, (torch.zeros(1, 3, 160, 160),), str(d / name), input_names=["x"],
+                              output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17,
+                              dynamo=False)
     (d / "garbage.onnx").write_bytes(b"not an onnx model")
     return {"weights": d / "ft.pth", "onnx": d / "four.onnx", "onnx3": d / "three.onnx",
             "garbage": d / "garbage.onnx", "dir": d}

@@ -14,13 +14,7 @@ from conceptlens.service.nnls import NNLSProjector
 K, C, N = 4, 16, 2000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small batched ops: a second intra-op thread costs more than it saves
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def planted(noise: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
