@@ -99,6 +99,20 @@ class ModelVersion:
         self._inference.shutdown(wait=True)
         self.model.runtime.close()
         self.model = None  # the bundle's tensors and the session go with it
+        release_memory()
+
+
+def release_memory() -> None:
+    """Collect the unloaded version's reference cycles now and hand freed heap pages back to the
+    system (glibc keeps them otherwise: RSS would ratchet up by a model's size on some swaps)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused by the process all the same
+        pass
 
 
 @dataclass
