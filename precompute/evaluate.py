@@ -21,9 +21,10 @@ from ..service.manifest import HeadCard, Manifest, MethodCard, ModelCard, Prepro
 def single_class_explainer(class_names: list[str], class_id: int, basis: np.ndarray, weights: np.ndarray,
                            head_weight: np.ndarray | None, head_bias: np.ndarray | None,
                            head_fn: HeadFn | None = None, method: str = "nmf",
-                           anchor: np.ndarray | None = None) -> Explainer:
+                           anchor: np.ndarray | None = None, tensors: dict | None = None) -> Explainer:
     """An Explainer over an in-memory bundle holding one class, for evaluation before writing.
-    ``anchor`` (C, H, W): where a non-linear head's weights are measured (see service.head)."""
+    ``anchor`` (C, H, W): where a non-linear head's weights are measured (see service.head);
+    ``tensors``: further bundle tensors of the class (e.g. ``decoding/<class>``)."""
     kind = "linear" if head_weight is not None else "generic"
     shape = tuple(anchor.shape) if anchor is not None else (basis.shape[1], 1, 1)
     card = ModelCard(source="evaluation", name="evaluation", file_sha256="", layer="", feature_shape=shape,
@@ -35,7 +36,8 @@ def single_class_explainer(class_names: list[str], class_id: int, basis: np.ndar
                                                      weights.astype(np.float32), method=method)},
                     class_names=class_names, head_weight=head_weight, head_bias=head_bias,
                     preprocessing=manifest.preprocessing,
-                    tensors={} if anchor is None else {f"anchor/{class_id}": anchor.astype(np.float32)})
+                    tensors={**({} if anchor is None else {f"anchor/{class_id}": anchor.astype(np.float32)}),
+                             **(tensors or {})})
     return Explainer(bundle, head=head_fn)
 
 

@@ -19,11 +19,21 @@ def fit_basis(method: str, feats: np.ndarray, *, k: int, class_id: int, head_wei
     params: ``face_lambda`` (FACE's KL weight, default 1.0), ``attribution`` ("grad_x_act").
     FACE and attribution-weighted NMF need a GAP+linear head (head_weight, head_bias).
     """
+    model = fit_learner(method, feats, k=k, class_id=class_id, head_weight=head_weight, head_bias=head_bias,
+                        seed=seed, device=device, max_iter=max_iter, tol=tol, params=params)
+    return model.components_.detach().cpu().numpy().astype(np.float32)
+
+
+def fit_learner(method: str, feats: np.ndarray, *, k: int, class_id: int, head_weight: np.ndarray | None,
+                head_bias: np.ndarray | None, seed: int, device: torch.device, max_iter: int = 200,
+                tol: float = 1e-4, params: dict | None = None):
+    """As :func:`fit_basis`, returning the fitted learner itself: ``components_`` (k, C) is the
+    served basis; a learner may also have ``served_tensors() -> {name: array}``, extra per-class
+    tensors the bundle keeps as ``<name>/<class>`` (e.g. the decoding directions of ``directions``)."""
     learner = LEARNERS.get(method)
     if learner is None:
         raise ValueError(f"unknown method {method!r}: choose {', '.join(LEARNERS)}")
     if learner.needs_linear_head and head_weight is None:
         raise ValueError(f"--method {method} needs a model whose head is global average pooling + linear")
-    model = learner.fit_class(feats, k=k, class_id=class_id, head_weight=head_weight, head_bias=head_bias,
-                              seed=seed, device=device, max_iter=max_iter, tol=tol, params=params or {})
-    return model.components_.detach().cpu().numpy().astype(np.float32)
+    return learner.fit_class(feats, k=k, class_id=class_id, head_weight=head_weight, head_bias=head_bias,
+                             seed=seed, device=device, max_iter=max_iter, tol=tol, params=params or {})

@@ -25,12 +25,12 @@ import torch
 
 from ..service.bundle import atomic_write_bytes, atomic_write_json, class_index, sha256_file
 from ..service.explain import softmax
-from ..service.head import Head
 from .datasets import Dataset, open_dataset
-from .evaluate import evaluate_class, logits_of, single_class_explainer
+from .class_pipeline import ClassPipeline
+from .evaluate import logits_of
 from .features import Progress, Record, extract, load_part, safetensors_info, save_part
 from .models import PreprocessingOverrides, SplitModel, load_model
-from .prototypes import CropPool, cosine_scores, crop_jpeg, crop_scores, top_crops
+from .prototypes import CropPool
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 _HASHED = ("model", "weights", "layer", "labels", "preprocessing", "data", "group_by", "method", "concepts",
            "min_images", "max_images", "held_out", "prototypes", "prototype_cells", "prototypes_exclude_class",
            "classes", "seed", "nmf_max_iter", "nmf_tol", "method_params", "stability_folds", "contrast_samples",
-           "examples")
+           "examples", "importance", "attribution")
 AUTO_METHOD = "auto"  # nmf on a non-negative layer, seminmf on a signed one
 NEEDS_NON_NEGATIVE = ("nmf", "face", "attribution", "directions")  # their directions are >= 0
 
@@ -60,7 +60,9 @@ class PrecomputeConfig:
     group_by: str = "predicted"  # "label" | "predicted"
     method: str = AUTO_METHOD
     method_params: dict = field(default_factory=dict)
-    concepts: int = 10
+    concepts: int | str = "auto"  # k, or "auto": chosen per class (precompute/selection.py)
+    importance: str = "contribution"  # concept order for deletion/insertion: contribution | sobol
+    attribution: str = "gradxact"  # attribution for --method attribution and contrast pixels: gradxact | deeplift
     min_images: int = 20
     max_images: int = 200
     held_out: float = 0.2
@@ -329,9 +331,10 @@ class Job:
         pool = CropPool.build([r for rs in records.values() for r in rs], cells=self.cfg.prototype_cells,
                               view_size=self.model.preprocessing.crop)
         progress = Progress("learn classes", total=len(todo), every=0)
+        pipeline = ClassPipeline(self, records, pool)
         for cls in todo:
             t0 = time.perf_counter()
-            self._learn_class(cls, records, pool, totals["seen"].get(cls, len(records[cls])))
+            self._learn_class(pipeline, cls, totals["seen"].get(cls, len(records[cls])))
             progress.update(1, extra=f"class {cls} ({self.model.class_names[cls]}) in "
                                      f"{time.perf_counter() - t0:.1f} s")
         return todo
@@ -377,93 +380,24 @@ class Job:
             self._fwd = self.onnx_forward()
         return self._fwd
 
-    def _learn_class(self, cls: int, all_records: dict[int, list[Record]], pool: CropPool, seen: int) -> None:
-        from ..service.preprocess import normalize
-        from .checks import attribution_pixels, concept_curves, most_confused, stability, stitched_test
-        from .evaluate import served_codes
-        from .fit import fit_basis
+    @property
+    def device(self) -> torch.device:
+        return _device(self.cfg.device)
 
-        cfg = self.cfg
-        recs = all_records[cls]
-        rng = np.random.default_rng(cfg.seed + cls)
-        order = rng.permutation(len(recs))
-        n_held = int(round(len(recs) * cfg.held_out)) if len(recs) >= 5 else 0
-        held, train = order[:n_held], order[n_held:]
-        feats = np.stack([r.features for r in recs]).astype(np.float32)  # (N, C, H, W)
-        hw, hb, hfn = self._head()
-
-        method = self.method
-
-        def fit(f: np.ndarray) -> np.ndarray:
-            return fit_basis(method, f, k=cfg.concepts, class_id=cls, head_weight=hw, head_bias=hb,
-                             seed=cfg.seed, device=_device(cfg.device), max_iter=cfg.nmf_max_iter,
-                             tol=cfg.nmf_tol, params=cfg.method_params)
-
-        basis = fit(feats[train])
-        anchor = None if hw is not None else feats[train].mean(axis=0)  # (C, H, W): see service.head
-        weights = self.model.head.concept_weights(basis, cls, anchor=anchor)
-        explainer = single_class_explainer(self.model.class_names, cls, basis, weights, hw, hb, hfn, method, anchor)
-        parts = {"train": feats[train], "held_out": feats[held]}
-        codes = {part: served_codes(explainer, cls, f) for part, f in parts.items() if len(f)}  # projected once
-        metrics = {part: evaluate_class(explainer, cls, f, hw, hb, hfn, codes.get(part)) for part, f in parts.items()}
-        curves_on = "held_out" if n_held else "train"
-        metrics[curves_on].update(concept_curves(explainer, cls, parts[curves_on], hw, hb, hfn, codes[curves_on]))
-        metrics["stability"] = stability(fit, feats[train], basis, cfg.stability_folds, cfg.seed)
-        pre = self.model.preprocessing
-        pool_scores = crop_scores(pool, basis)  # (n_crops, k), shared by the stitched test and prototypes
-        metrics["stitched"] = stitched_test(pool, pool_scores, cls, self._forward(), lambda im: normalize(im, pre),
-                                            pre.crop, self.model.class_names)
-        crops = top_crops(pool, pool_scores, cfg.prototypes,
-                          exclude_class=cls if cfg.prototypes_exclude_class else None)
-        scores = cosine_scores(pool_scores, crops)
-        tensors = {"basis": basis.astype(np.float32), "weights": weights.astype(np.float32)}
-        if anchor is not None:
-            tensors["anchor"] = anchor.astype(np.float32)
-        # Contrast data: attribution-filtered pixels of the class (for pairs computed on request) and
-        # the precomputed pair with the class the model confuses it with most. Contrast concepts are
-        # NMF of hyperplane-weighted pixels: not for signed layers, nor without head gradients.
-        head_for_attr = self._attribution_head()
-        if cfg.contrast_samples > 0 and (self.signed or head_for_attr is None):
-            log.info("class %d: no contrast data (%s)", cls, "signed activations" if self.signed else
-                     "the non-linear head is an ONNX graph, without gradients")
-        elif cfg.contrast_samples > 0:
-            px = attribution_pixels(feats[train], head_for_attr, cls, cfg.contrast_samples, cfg.seed)
-            tensors["samples"] = px.astype(np.float16)
-            logits = logits_of(feats, hw, hb, hfn)
-            other = most_confused(logits, cls, {c for c, r in all_records.items() if len(r) >= 2} - {cls})
-            if other is not None and len(px) >= cfg.concepts:
-                metrics["shift"] = self._contrast_pair(cls, other, px, all_records[other], head_for_attr, hw, hb,
-                                                       hfn, tensors)
-        if cfg.examples:
-            ex = held[:cfg.examples] if n_held else train[:cfg.examples]
-            c = codes[curves_on][:len(ex)]  # (n, HW, k): the first of the split's codes, projected above
-            h, w = feats.shape[2:]
-            tensors["examples_codes"] = c.transpose(0, 2, 1).reshape(len(ex), -1, h, w).astype(np.float32)
-            for i, j in enumerate(ex):
-                tensors[f"example/{i}"] = np.frombuffer(recs[j].view_jpeg, dtype=np.uint8)
-        protos = []
-        for j, idxs in enumerate(crops):
-            concept = []
-            for r, idx in enumerate(idxs):
-                rec = pool.records[pool.image[idx]]
-                box = [int(v) for v in pool.boxes[idx]]
-                tensors[f"proto/{j}/{r}"] = np.frombuffer(crop_jpeg(rec, box), dtype=np.uint8)
-                concept.append({"source": rec.key, "box": box, "score": scores[j][r],
-                                "source_predicted": rec.predicted})
-            protos.append(concept)
-        flags = class_flags(metrics, len(recs), cfg.min_images)
-        info = {"config_hash": self.hash, "class_id": cls, "name": self.model.class_names[cls], "k": int(basis.shape[0]),
-                "images": len(recs), "images_seen": seen, "held_out_images": int(n_held), "metrics": metrics,
-                "flags": flags, "method": method, "prototypes": protos, "signed_features": bool(self.signed)}
+    def _learn_class(self, pipeline, cls: int, seen: int) -> None:
+        """Learn one class (precompute/class_pipeline.py) and write its file atomically."""
         from safetensors.numpy import save
 
-        atomic_write_bytes(self.class_path(cls), save(tensors, metadata={"info": json.dumps(info)}))
-        log.info("class %d (%s): %d images, held-out ICE fidelity %.3f, top-1 agreement %.2f%s", cls, info["name"],
-                 len(recs), metrics["held_out"].get("ice_fidelity", float("nan")),
-                 metrics["held_out"].get("top1_agreement", float("nan")), f", flags {flags}" if flags else "")
+        result = pipeline.run(cls, seen)
+        info = {"config_hash": self.hash, **result.info}
+        atomic_write_bytes(self.class_path(cls), save(result.tensors, metadata={"info": json.dumps(info)}))
+        held, flags = info["metrics"].get("held_out", {}), info["flags"]
+        log.info("class %d (%s): %d images, k %d, held-out ICE fidelity %.3f, top-1 agreement %.2f%s", cls,
+                 info["name"], info["images"], info["k"], held.get("ice_fidelity", float("nan")),
+                 held.get("top1_agreement", float("nan")), f", flags {flags}" if flags else "")
 
     def _contrast_pair(self, a: int, b: int, px_a: np.ndarray, recs_b: list[Record], head_for_attr, hw, hb, hfn,
-                       tensors: dict) -> dict:
+                       tensors: dict, k: int) -> dict:
         """Hyperplane and contrast concepts of "a rather than b" into ``tensors``; the shifting test."""
         from ..service.contrast import METHOD_PRECOMPUTED, compute_pair
         from .checks import attribution_pixels
@@ -473,7 +407,7 @@ class Job:
         px_b = attribution_pixels(feats_b, head_for_attr, b, self.cfg.contrast_samples, self.cfg.seed)
         if len(px_b) == 0:
             return {}
-        pair = compute_pair(a, b, px_a, px_b, self.cfg.concepts, seed=self.cfg.seed, method=METHOD_PRECOMPUTED)
+        pair = compute_pair(a, b, px_a, px_b, k, seed=self.cfg.seed, method=METHOD_PRECOMPUTED)
         if pair is None:  # too few of a's pixels on its side of the hyperplane: no precomputed pair
             return {}
         normal, offset = pair.normal, pair.offset
@@ -553,6 +487,9 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
             tensors[f"samples/{cls}"] = t["samples"]
         if "anchor" in t:
             tensors[f"anchor/{cls}"] = t["anchor"]
+        for key, val in t.items():  # a learner's extra served tensors (e.g. decoding directions)
+            if key.startswith("served/"):
+                tensors[f"{key.removeprefix('served/')}/{cls}"] = val
         if "examples_codes" in t:
             tensors[f"examples/{cls}/codes"] = t["examples_codes"]
             for i in range(len(t["examples_codes"])):

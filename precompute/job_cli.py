@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="group images by their label or by the model's prediction")
     p.add_argument("--method", choices=("auto", "nmf", "seminmf", "face", "attribution", "directions"),
                    default="auto", help="concept learner; auto: nmf on a non-negative layer, seminmf on a signed one")
-    p.add_argument("--concepts", type=int, default=10, help="concepts per class (k)")
+    p.add_argument("--concepts", type=_int_or_auto, default="auto",
+                   help="concepts per class (k), or auto: k per class by validation fidelity and stability, "
+                        "split concepts merged")
     p.add_argument("--classes", nargs="*", help="only these classes (ids or names)")
     p.add_argument("--min-images", type=int, default=20, help="skip classes with fewer images")
     p.add_argument("--max-images", type=int, default=200, help="reservoir size per class (bounds memory)")
@@ -40,7 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nmf-max-iter", type=int, default=200)
     p.add_argument("--nmf-tol", type=float, default=1e-4)
-    p.add_argument("--face-lambda", type=float, default=1.0, help="FACE's weight of the KL term (--method face)")
+    p.add_argument("--face-lambda", type=_float_or_auto, default="auto",
+                   help="FACE's weight of the KL term (--method face), or auto: per class by validation fidelity")
+    p.add_argument("--importance", choices=("contribution", "sobol"), default="contribution",
+                   help="concept order of the deletion/insertion curves (the report shows both)")
+    p.add_argument("--attribution", choices=("gradxact", "deeplift"), default="gradxact",
+                   help="attribution of --method attribution and of the contrast pixel filter")
     p.add_argument("--stability-folds", type=int, default=3, help="folds for the stability metric (0: off)")
     p.add_argument("--contrast-samples", type=int, default=512,
                    help="attribution-filtered pixels kept per class for contrasts on request (0: no contrasts)")
@@ -49,6 +56,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--shard", default="0/1", help="I/N: this process's share (data for extract, classes for learn)")
     p.add_argument("--stage", choices=("all", "extract", "learn", "merge"), default="all")
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of concepts or auto, got {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError("--concepts must be at least 1")
+    return k
+
+
+def _float_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def _triple(text: str) -> tuple[float, float, float]:
@@ -75,6 +103,7 @@ def config_from_args(args: argparse.Namespace):
         prototypes_exclude_class=args.prototypes_exclude_class, seed=args.seed, nmf_max_iter=args.nmf_max_iter,
         nmf_tol=args.nmf_tol, stability_folds=args.stability_folds, contrast_samples=args.contrast_samples,
         examples=args.examples, method_params={"face_lambda": args.face_lambda} if args.method == "face" else {},
+        importance=args.importance, attribution=args.attribution,
         batch_size=args.batch_size, device=args.device, shard=parse_shard(args.shard))
 
 
@@ -83,8 +112,6 @@ def run(args: argparse.Namespace) -> int:
     from .job import JobError, run as run_job
     from .models import ModelError
 
-    if args.concepts < 1:
-        raise CLIError("--concepts must be at least 1")
     try:
         out = run_job(config_from_args(args), stage=args.stage)
     except (JobError, DataError, ModelError) as e:

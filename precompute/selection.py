@@ -1,0 +1,177 @@
+"""Choosing a class's number of concepts k and FACE's lambda by evaluation, and merging concepts
+that are one direction seen at different places.
+
+Everything is scored on a *validation* part of the class's training images (a seeded quarter),
+through the served projection, so the held-out images stay untouched for the reported metrics.
+
+- k (``--concepts auto``): each k of ``K_RANGE`` (up to what the pixels allow) is fitted with the
+  fast base learner (NMF, or semi-NMF on a signed layer) on the rest of the training images and
+  scored by validation ICE fidelity and stability (matched cosine of the bases fitted on two
+  halves). Parsimony: the smallest k whose fidelity is within ``FIDELITY_TOLERANCE`` of the best
+  and whose stability is at least ``MIN_STABILITY`` (else the smallest within tolerance).
+- merge: after the final fit, two concepts whose directions have cosine >= ``MERGE_COSINE`` and
+  whose codes rarely fire at the same pixel (spatial correlation <= ``MERGE_OVERLAP``) are one
+  part seen at different places (NMF splits an object into its left and right edge when k is too
+  large): they become one direction (their normalized sum), and k drops by one.
+- lambda (``--face-lambda auto``, FACE): a sweep over ``LAMBDAS`` at the chosen k, scored by
+  validation ICE fidelity with accuracy on reconstructed activations as a guard (no lambda may
+  lose more than ``ACCURACY_GUARD`` of it against lambda = 0).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .evaluate import evaluate_class, served_codes, single_class_explainer
+
+if TYPE_CHECKING:
+    from .class_pipeline import ClassData, ClassPipeline
+
+log = logging.getLogger(__name__)
+
+K_RANGE = (3, 5, 8, 12)
+FIDELITY_TOLERANCE = 0.1  # relative: within 10 % of the best validation fidelity (and 0.01 absolute)
+MIN_STABILITY = 0.8
+MERGE_COSINE = 0.9
+MERGE_OVERLAP = 0.1
+LAMBDAS = (0.0, 0.1, 1.0, 10.0)
+ACCURACY_GUARD = 0.02
+BASE_LEARNER = {True: "seminmf", False: "nmf"}  # by signed activations
+
+
+def select(pipe: "ClassPipeline", data: "ClassData"):
+    """(fitted learner, selection record) for the class: k and lambda as configured or chosen."""
+    cfg = pipe.cfg
+    auto_k = str(cfg.concepts) == "auto"
+    auto_lambda = pipe.job.method == "face" and str(cfg.method_params.get("face_lambda", 1.0)) == "auto"
+    if not auto_k and not auto_lambda:
+        return pipe.fit_learner(data.cls, data.train_feats, int(cfg.concepts)), {}
+    fit_part, val_part = validation_split(data, cfg.seed)
+    record: dict = {}
+    k = int(cfg.concepts) if not auto_k else choose_k(pipe, data, fit_part, val_part, record)
+    params = {}
+    if auto_lambda:
+        params["face_lambda"] = choose_lambda(pipe, data, fit_part, val_part, k, record)
+    learner = pipe.fit_learner(data.cls, data.train_feats, k, params)
+    if auto_k and not hasattr(learner, "served_tensors"):  # a learner with paired tensors keeps its k
+        merged = merge_split_concepts(learner, pipe, data)
+        if merged:
+            record["merged"] = merged
+            record["k_after_merge"] = int(learner.components_.shape[0])
+    return learner, record
+
+
+def validation_split(data: "ClassData", seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) feature maps: a seeded quarter of the training images for validation."""
+    feats = data.train_feats
+    if len(feats) < 8:
+        return feats, feats  # too few to hold any out: score on what was fitted
+    order = np.random.default_rng(seed + 7919 * data.cls).permutation(len(feats))
+    n_val = max(2, len(feats) // 4)
+    return feats[order[n_val:]], feats[order[:n_val]]
+
+
+def _score(pipe: "ClassPipeline", cls: int, basis: np.ndarray, feats: np.ndarray, method: str) -> dict:
+    """Validation metrics of ``basis`` through the served projection."""
+    weights = pipe.model.head.concept_weights(basis, cls, anchor=None if pipe.hw is not None else feats.mean(axis=0))
+    ex = single_class_explainer(pipe.model.class_names, cls, basis, weights, pipe.hw, pipe.hb, pipe.hfn, method,
+                                None if pipe.hw is not None else feats.mean(axis=0))
+    return evaluate_class(ex, cls, feats, pipe.hw, pipe.hb, pipe.hfn)
+
+
+def _base_basis(pipe: "ClassPipeline", cls: int, feats: np.ndarray, k: int) -> np.ndarray:
+    from .fit import fit_basis
+
+    cfg = pipe.cfg
+    return fit_basis(BASE_LEARNER[bool(pipe.job.signed)], feats, k=k, class_id=cls, head_weight=pipe.hw,
+                     head_bias=pipe.hb, seed=cfg.seed, device=pipe.job.device, max_iter=cfg.nmf_max_iter,
+                     tol=cfg.nmf_tol)
+
+
+def choose_k(pipe: "ClassPipeline", data: "ClassData", fit_part: np.ndarray, val_part: np.ndarray,
+             record: dict) -> int:
+    """k by validation fidelity and stability with the parsimony rule (module docstring)."""
+    from .checks import matched_cosine
+
+    pixels = fit_part.shape[0] * fit_part.shape[2] * fit_part.shape[3]
+    candidates = [k for k in K_RANGE if k <= min(pixels // 4, fit_part.shape[1])] or [min(K_RANGE)]
+    half = len(fit_part) // 2
+    rows = []
+    for k in candidates:
+        basis = _base_basis(pipe, data.cls, fit_part, k)
+        fid = _score(pipe, data.cls, basis, val_part, "nmf").get("ice_fidelity", float("nan"))
+        stab = float("nan")
+        if half >= 2:
+            stab = matched_cosine(_base_basis(pipe, data.cls, fit_part[:half], k),
+                                  _base_basis(pipe, data.cls, fit_part[half:], k))
+        rows.append({"k": k, "val_ice_fidelity": float(fid), "stability": stab})
+    best = min(r["val_ice_fidelity"] for r in rows)
+    close = [r for r in rows if r["val_ice_fidelity"] <= best + max(0.01, FIDELITY_TOLERANCE * best)]
+    stable = [r for r in close if not (r["stability"] < MIN_STABILITY)]  # nan counts as stable
+    chosen = (stable or close)[0]["k"]
+    record["k"] = {"chosen": chosen, "sweep": rows}
+    log.debug("class %d: k sweep %s -> %d", data.cls, rows, chosen)
+    return chosen
+
+
+def choose_lambda(pipe: "ClassPipeline", data: "ClassData", fit_part: np.ndarray, val_part: np.ndarray, k: int,
+                  record: dict) -> float:
+    """FACE's lambda by validation fidelity, guarded by accuracy on reconstructions (module docstring)."""
+    rows = []
+    for lam in LAMBDAS:
+        basis = pipe.fit_basis(data.cls, fit_part, k, {"face_lambda": lam})
+        m = _score(pipe, data.cls, basis, val_part, "face")
+        rows.append({"lambda": lam, "val_ice_fidelity": float(m.get("ice_fidelity", float("nan"))),
+                     "val_top1_agreement": float(m.get("top1_agreement", float("nan")))})
+    floor = rows[0]["val_top1_agreement"] - ACCURACY_GUARD
+    ok = [r for r in rows if r["val_top1_agreement"] >= floor] or rows
+    chosen = min(ok, key=lambda r: (r["val_ice_fidelity"], r["lambda"]))["lambda"]
+    record["lambda"] = {"chosen": chosen, "sweep": rows}
+    return float(chosen)
+
+
+def merge_split_concepts(learner, pipe: "ClassPipeline", data: "ClassData") -> list[list[int]]:
+    """Merge concepts that are one direction seen at different places (module docstring), in place
+    on ``learner.components_``; returns the merged pairs (indices in the basis before each merge)."""
+    import torch
+
+    merged = []
+    while True:
+        basis = learner.components_.detach().cpu().numpy().astype(np.float32)
+        if len(basis) < 2:
+            return merged
+        pair = split_pair(basis, _codes(pipe, data, basis))
+        if pair is None:
+            return merged
+        i, j = pair
+        joined = basis[i] + basis[j]
+        joined /= max(float(np.linalg.norm(joined)), 1e-30)
+        keep = [r for r in range(len(basis)) if r not in (i, j)]
+        new = np.concatenate([basis[keep], joined[None]])
+        learner.components_ = torch.from_numpy(new).to(learner.components_.device, learner.components_.dtype)
+        merged.append([int(i), int(j)])
+
+
+def _codes(pipe: "ClassPipeline", data: "ClassData", basis: np.ndarray) -> np.ndarray:
+    ex = single_class_explainer(pipe.model.class_names, data.cls, basis, np.zeros(len(basis), np.float32),
+                                pipe.hw, pipe.hb, pipe.hfn, "nmf", None if pipe.hw is not None else
+                                data.train_feats.mean(axis=0))
+    return served_codes(ex, data.cls, data.train_feats)  # (N, HW, k)
+
+
+def split_pair(basis: np.ndarray, codes: np.ndarray) -> tuple[int, int] | None:
+    """The pair (i, j) of basis rows (k, C) most alike in direction (cosine >= MERGE_COSINE) whose
+    codes (N, HW, k) rarely fire at the same pixel (correlation over pixels <= MERGE_OVERLAP), or None."""
+    unit = basis / np.maximum(np.linalg.norm(basis, axis=1, keepdims=True), 1e-30)
+    cos = unit @ unit.T
+    flat = codes.reshape(-1, codes.shape[-1]).astype(np.float64)
+    corr = np.corrcoef(flat.T) if flat.shape[0] > 1 else np.eye(len(basis))
+    corr = np.nan_to_num(corr, nan=1.0)
+    best = None
+    for i in range(len(basis)):
+        for j in range(i + 1, len(basis)):
+            if cos[i, j] >= MERGE_COSINE and corr[i, j] <= MERGE_OVERLAP and (best is None or cos[i, j] > best[0]):
+                best = (cos[i, j], i, j)
+    return None if best is None else (best[1], best[2])
