@@ -1,0 +1,117 @@
+"""Choosing k and merging split concepts (precompute/selection.py), on planted activations whose true
+number of parts is known."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conceptlens.precompute.class_pipeline import ClassData
+from conceptlens.precompute.selection import K_RANGE, choose_k, merge_split_concepts, select, split_pair
+from conceptlens.service.head import Head
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+C, H, W = 24, 4, 4
+
+
+def planted_feats(parts: int, n: int = 80, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(features (n, C, H, W) >= 0 made of ``parts`` directions with disjoint channel supports, each
+    present at random pixels with random strength, plus a little noise; the directions (parts, C))."""
+    rng = np.random.default_rng(seed)
+    dirs = np.zeros((parts, C), np.float32)
+    width = C // parts
+    for p in range(parts):
+        dirs[p, p * width:(p + 1) * width] = rng.uniform(0.5, 1.5, width)
+    codes = rng.uniform(0, 1, (n, H * W, parts)) * (rng.random((n, H * W, parts)) < 0.5)
+    v = codes @ dirs + 0.01 * rng.random((n, H * W, C))
+    return v.reshape(n, H, W, C).transpose(0, 3, 1, 2).astype(np.float32), dirs
+
+
+def fake_pipeline(concepts="auto", method="nmf"):
+    """Just what selection needs of a ClassPipeline: settings, a linear head, the base learner."""
+    rng = np.random.default_rng(1)
+    w, b = rng.standard_normal((3, C)).astype(np.float32), np.zeros(3, np.float32)
+    cfg = SimpleNamespace(concepts=concepts, seed=0, nmf_max_iter=200, nmf_tol=1e-4, method_params={})
+    job = SimpleNamespace(signed=False, device=torch.device("cpu"), method=method)
+    model = SimpleNamespace(head=Head(weight=w, bias=b), class_names=["a", "b", "c"])
+    pipe = SimpleNamespace(cfg=cfg, job=job, model=model, hw=w, hb=b, hfn=None)
+
+    def fit_learner(cls, feats, k, params=None):
+        from conceptlens.precompute.fit import fit_learner as fl
+        return fl(method, feats, k=k, class_id=cls, head_weight=w, head_bias=b, seed=0,
+                  device=torch.device("cpu"), max_iter=200, tol=1e-4, params=params)
+    pipe.fit_learner = fit_learner
+    return pipe
+
+
+def class_data(feats: np.ndarray) -> ClassData:
+    idx = np.arange(len(feats))
+    return ClassData(cls=1, records=[], feats=feats, train=idx, held=idx[:0])
+
+
+@pytest.mark.parametrize("parts, expected", [(2, 3), (4, 5)])
+def test_k_is_the_smallest_that_fits_the_planted_parts(parts, expected):
+    """2 parts: k = 3 already reconstructs them (the smallest candidate); 4 parts: k = 3 cannot,
+    5 can, and more concepts add nothing: the parsimony rule stops at 5."""
+    feats, _ = planted_feats(parts)
+    pipe, record = fake_pipeline(), {}
+    data = class_data(feats)
+    k = choose_k(pipe, data, feats[:60], feats[60:], record)
+    assert k == expected, record["k"]["sweep"]
+    sweep = {r["k"]: r for r in record["k"]["sweep"]}
+    assert set(sweep) == set(K_RANGE)
+    if parts == 4:  # k = 3 leaves a planted part out: clearly worse on the validation images
+        assert sweep[3]["val_ice_fidelity"] > 2 * sweep[5]["val_ice_fidelity"]
+
+
+def test_split_pair_finds_one_direction_seen_at_different_places():
+    rng = np.random.default_rng(0)
+    d = np.abs(rng.standard_normal((3, C))).astype(np.float32)
+    twin = d[0] + 0.05 * np.abs(rng.standard_normal(C)).astype(np.float32)  # nearly the same direction
+    basis = np.stack([d[0], d[1], twin, d[2]])
+    n, hw = 20, H * W
+    codes = rng.random((n, hw, 4)).astype(np.float32)
+    left = np.arange(hw) < hw // 2
+    codes[:, ~left, 0] = 0  # concept 0 fires on the left only, its twin on the right only
+    codes[:, left, 2] = 0
+    assert split_pair(basis, codes) == (0, 2)
+    codes[:, :, 2] = codes[:, :, 0]  # the same pixels: two concepts that fire together are not merged
+    assert split_pair(basis, codes) is None
+    assert split_pair(np.eye(4, C, dtype=np.float32), rng.random((n, hw, 4))) is None  # different directions
+
+
+def test_merge_joins_a_part_split_by_position():
+    """NMF's split: one part learned twice, as "the part with its left context" on the left of the
+    maps and "the part with its right context" on the right (cosine 0.95, disjoint pixels); a second
+    part everywhere. Merging leaves one concept for the first part, and keeps the second apart."""
+    rng = np.random.default_rng(0)
+    part = np.zeros(C, np.float32)
+    part[:8] = 1.0
+    ctx_l, ctx_r = np.zeros(C, np.float32), np.zeros(C, np.float32)
+    ctx_l[8], ctx_r[9] = 0.9, 0.9
+    other = np.zeros(C, np.float32)
+    other[12:20] = 1.0
+    basis = np.stack([part + ctx_l, other, part + ctx_r]).astype(np.float32)
+    n = 40
+    left = (np.arange(H * W) % W) < W // 2
+    strength = rng.uniform(0.2, 1.0, (n, H * W, 3)) * (rng.random((n, H * W, 3)) < 0.7)
+    strength[:, ~left, 0] = 0  # the part's left version on the left, its right version on the right
+    strength[:, left, 2] = 0
+    v = strength @ basis + 0.005 * rng.random((n, H * W, C))
+    feats = v.reshape(n, H, W, C).transpose(0, 3, 1, 2).astype(np.float32)
+    learner = SimpleNamespace(components_=torch.from_numpy(basis.copy()))
+    merged = merge_split_concepts(learner, fake_pipeline(), class_data(feats))
+    assert merged == [[0, 2]] and len(learner.components_) == 2
+    kept = learner.components_.numpy()
+    unit = kept / np.linalg.norm(kept, axis=1, keepdims=True)
+    joined = unit[-1]
+    assert joined[:8].min() > 0 and abs(joined[8] - joined[9]) < 1e-6  # both contexts, equally
+    assert np.allclose(unit[0], other / np.linalg.norm(other))
+
+
+def test_fixed_k_fits_once_without_selection():
+    feats, _ = planted_feats(2)
+    learner, record = select(fake_pipeline(concepts=4), class_data(feats))
+    assert learner.components_.shape == (4, C) and record == {}
