@@ -8,7 +8,8 @@ Layout (DESIGN.md, "Conventions")::
       model.onnx             the CNN with two outputs: features (N,C,H,W) and logits (N,K)
       head.safetensors       W (K,C), b (K,) for a GAP+linear head
       head.onnx              the head h: features -> logits, for any other head
-      concepts.safetensors   per class y: basis/y (k,C), weights/y (k,), plus contrast tensors
+      concepts.safetensors   per class y: basis/y (k,C), weights/y (k,), decoding/y (k,C) for direction
+                             pairs (--method directions), plus contrast tensors
       prototypes.json        per class, per concept: the top crops (file, source, box, score)
       prototypes/*.jpg       the crops
 
@@ -113,12 +114,16 @@ class ClassConcepts:
 
     class_id: int
     name: str
-    basis: np.ndarray  # (k, C) float32: rows >= 0, or signed for semi-NMF (the codes are >= 0 either way)
+    basis: np.ndarray  # (k, C) float32: rows >= 0, or signed (semi-NMF; the encoding directions of direction
+    # pairs); the codes are >= 0 either way
     weights: np.ndarray  # (k,) float32, d logit_y / d presence_j
     metrics: dict = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
     prototypes: list[list[PrototypeRef]] = field(default_factory=list)  # [concept][rank]
     method: str = "nmf"
+    # (k, C) float32 decoding directions (filters) of direction pairs: the codes are then the latent
+    # factors max(V D^T, 0) and ``basis`` holds the encoding directions (service/projection.py)
+    decoding: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -276,5 +281,11 @@ def _read_bundle(root: Path, manifest: Manifest) -> Bundle:
         if classes[cid].basis.shape[1] != manifest.model.feature_shape[0]:
             raise BundleError(f"bundle {root}: basis of class {cid} has {classes[cid].basis.shape[1]} channels, "
                               f"the layer {manifest.model.feature_shape[0]}")
+        decoding = tensors.get(f"decoding/{cid}")
+        if decoding is not None:
+            if decoding.shape != classes[cid].basis.shape:
+                raise BundleError(f"bundle {root}: decoding directions of class {cid} have shape {decoding.shape}, "
+                                  f"its basis {classes[cid].basis.shape}")
+            classes[cid].decoding = np.ascontiguousarray(decoding, dtype=np.float32)
     return Bundle(root=root, manifest=manifest, classes=classes, class_names=list(manifest.class_names),
                   head_weight=head_w, head_bias=head_b, preprocessing=manifest.preprocessing, tensors=tensors)

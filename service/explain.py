@@ -15,6 +15,11 @@ non-negative codes (H*W, k):
 For any other head h, weights are finite differences at the class's anchor activations
 (:mod:`.head`: precompute stores the class weights, contrast weights are computed here the same
 way), the residual is h(A)_y - h(S P)_y and the bias is what remains: h(S P)_y - sum_j c_j.
+
+A class with decoding directions D (``decoding/<class>``, ``--method directions``: encoding /
+decoding direction pairs, arXiv 2509.23926) is projected linearly instead of by NNLS: S is the
+latent factors max(V D^T, 0) and P the encoding directions E (:mod:`.projection`); presence,
+weights (w_j = e_j . u), contributions, residual and identity are the same formulas.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ import numpy as np
 from .bundle import Bundle, ClassConcepts, PrototypeRef
 from .head import Head, HeadFn
 from .nnls import NNLSProjector
+from .projection import LinearProjector
+
+Projector = NNLSProjector | LinearProjector  # project(v) -> codes (n, k); basis (k, C) reconstructs
 
 
 @dataclass
@@ -92,11 +100,20 @@ def top_predictions(logits: np.ndarray, class_names: list[str], k: int) -> list[
     return [Prediction(i, class_names[i], float(z[i]), math.exp(float(z[i]) - top) / total) for i in idx]
 
 
+def class_projector(bundle: Bundle, cc: ClassConcepts) -> Projector:
+    """The served projection of a class: linear through its decoding directions when it has them
+    (``cc.decoding``, or the bundle tensor ``decoding/<class>``), else NNLS on its basis."""
+    decoding = cc.decoding if cc.decoding is not None else bundle.tensors.get(f"decoding/{cc.class_id}")
+    if decoding is not None:
+        return LinearProjector.from_pair(cc.basis, decoding)
+    return NNLSProjector.from_basis(cc.basis)
+
+
 class Explainer:
     """Explains classes of one bundle. Per-basis constants are computed once, here."""
 
     def __init__(self, bundle: Bundle, head: HeadFn | None = None,
-                 contrast_projectors: Callable[[int, int], tuple[NNLSProjector, str] | None] | None = None):
+                 contrast_projectors: Callable[[int, int], tuple[Projector, str] | None] | None = None):
         """``head`` is required for a bundle whose head is not linear (``head.onnx`` run by the caller).
 
         ``contrast_projectors(a, b)`` (e.g. ``ContrastStore.projector``, which computes and keeps
@@ -111,13 +128,13 @@ class Explainer:
         else:
             self.head = Head(fn=head)
         self.contrast_projectors = contrast_projectors
-        self._projectors = {cid: NNLSProjector.from_basis(c.basis) for cid, c in bundle.classes.items()}
+        self._projectors = {cid: class_projector(bundle, c) for cid, c in bundle.classes.items()}
         # d logit_y / d presence_j of each class: exact P_j . W[y] for a linear head (computed here,
         # once, so the identity holds whatever precision the bundle's weights were stored at)
         self._weights = {cid: (self._projectors[cid].basis @ np.asarray(bundle.head_weight[cid], np.float32))
                          if bundle.head_kind == "linear" else c.weights for cid, c in bundle.classes.items()}
 
-    def projector(self, class_id: int) -> NNLSProjector:
+    def projector(self, class_id: int) -> Projector:
         try:
             return self._projectors[class_id]
         except KeyError:
@@ -133,7 +150,7 @@ class Explainer:
         self.projector(class_id)
         return self.bundle.classes[class_id]
 
-    def _contrast_projector(self, a: int, b: int) -> tuple[NNLSProjector, str]:
+    def _contrast_projector(self, a: int, b: int) -> tuple[Projector, str]:
         found = self.contrast_projectors(a, b) if self.contrast_projectors else None
         return found if found is not None else (self.projector(a), self.bundle.classes[a].method)
 
