@@ -2,9 +2,11 @@
 
 EfficientNet-Lite0 over CIFAR-10 training images from ../shared/data, grouped by the model's
 prediction; each class's images split into train / held-out exactly as precompute does; each
-method's basis scored on the held-out images through the served NNLS projection.
+method's basis scored on the held-out images through the served NNLS projection. Concept deletion
+and insertion are scored with the concepts in two orders: by mean contribution and by CRAFT's Sobol
+total-order importance (FACE's order); both are printed.
 
-    python bench/compare_methods.py [--images 1500] [--k 5] [--min-images 30]
+    python bench/compare_methods.py [--images 1500] [--k 5] [--min-images 30] [--importance contribution|sobol]
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from common import CACHE, DATA  # noqa: E402
 
 METHODS = ("nmf", "face", "attribution", "directions")
 COLUMNS = ("ice_fidelity", "top1_agreement", "accuracy_reconstructed", "c_del", "c_ins", "gini", "recon_error")
+ORDER_COLUMNS = ("c_del_contribution", "c_ins_contribution", "c_del_sobol", "c_ins_sobol", "gini_sobol")
 
 
 def subset_shard(n: int) -> Path:
@@ -52,12 +55,14 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=120)
     ap.add_argument("--face-lambda", type=float, default=1.0)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--importance", choices=("contribution", "sobol"), default="contribution",
+                    help="the concept order of the c_del, c_ins and gini columns")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from conceptlens.precompute.checks import concept_curves
     from conceptlens.precompute.evaluate import evaluate_class, served_codes, single_class_explainer
     from conceptlens.precompute.fit import fit_basis
-    from conceptlens.precompute.job import Job, PrecomputeConfig, concept_weights
+    from conceptlens.precompute.job import Job, PrecomputeConfig
 
     work = Path(tempfile.gettempdir()) / f"conceptlens-compare-{args.images}-{args.max_images}"
     cfg = PrecomputeConfig(model="efficientnet-lite0", data=str(subset_shard(args.images)), out=str(work / "b"),
@@ -66,7 +71,7 @@ def main() -> None:
     job.extract()
     records, _ = job.load_records()
     classes = job.eligible_classes(records)
-    hw, hb = job.model.head_weight, job.model.head_bias
+    hw, hb, head = job.model.head_weight, job.model.head_bias, job.model.head
     names = job.model.class_names
     print(f"EfficientNet-Lite0, {args.images} CIFAR-10 images grouped by prediction, {len(classes)} classes with "
           f">= {args.min_images} images, k = {args.k}, held-out 20 %, FACE lambda = {args.face_lambda}")
@@ -83,13 +88,14 @@ def main() -> None:
             basis = fit_basis(method, feats[train], k=args.k, class_id=cls, head_weight=hw, head_bias=hb,
                               seed=0, device=torch.device("cpu"), params={"face_lambda": args.face_lambda})
             fit_time[method] += time.perf_counter() - t
-            weights = concept_weights(basis, cls, hw, None, feats[train])
+            weights = head.concept_weights(basis, cls, anchor=None if hw is not None else feats[train].mean(axis=0))
             ex = single_class_explainer(names, cls, basis, weights, hw, hb, None, method)
             codes = served_codes(ex, cls, feats[held])  # projected once, for both
             m = evaluate_class(ex, cls, feats[held], hw, hb, codes=codes)
-            m.update(concept_curves(ex, cls, feats[held], hw, hb, None, codes))
+            m.update(concept_curves(ex, cls, feats[held], hw, hb, None, codes, importance=args.importance))
             rows[method][cls] = m
     header = f"{'class':<22}{'method':<12}" + "".join(f"{c:>24}" for c in COLUMNS)
+    print(f"(c_del, c_ins, gini: concepts ordered by {args.importance})")
     print(header)
     for cls in classes:
         for method in args.methods:
@@ -99,6 +105,26 @@ def main() -> None:
     for method in args.methods:
         means = [np.mean([rows[method][c].get(col, np.nan) for c in classes]) for col in COLUMNS]
         print(f"{'':<22}{method:<12}" + "".join(f"{v:>24.3f}" for v in means) + f"   fit {fit_time[method]:.1f} s")
+    print("\nconcept deletion / insertion by concept order (held-out; higher is better), per class")
+    print(f"{'class':<22}{'method':<12}" + "".join(f"{c:>20}" for c in ORDER_COLUMNS) + f"{'same order':>12}")
+    for cls in classes:
+        for method in args.methods:
+            m = rows[method][cls]
+            same = (np.argsort(-np.array(m["contribution_importance"]), kind="stable").tolist()
+                    == np.argsort(-np.array(m["sobol_importance"]), kind="stable").tolist())
+            print(f"{names[cls][:21]:<22}{method:<12}"
+                  + "".join(f"{m.get(c, float('nan')):>20.3f}" for c in ORDER_COLUMNS) + f"{'yes' if same else 'no':>12}")
+    print("\nmean over classes")
+    print(f"{'':<22}{'method':<12}" + "".join(f"{c:>20}" for c in ORDER_COLUMNS))
+    for method in args.methods:
+        means = [np.mean([rows[method][c].get(col, np.nan) for c in classes]) for col in ORDER_COLUMNS]
+        print(f"{'':<22}{method:<12}" + "".join(f"{v:>20.3f}" for v in means))
+    for method in args.methods:
+        wins = sum(rows[method][c]["c_del_sobol"] > rows[method][c]["c_del_contribution"] + 1e-12 for c in classes)
+        ties = sum(bool(np.isclose(rows[method][c]["c_del_sobol"], rows[method][c]["c_del_contribution"]))
+                   for c in classes)
+        print(f"{method}: C-Del by Sobol order above C-Del by contribution order in {wins} of {len(classes)} "
+              f"classes ({ties} ties)")
     if "face" in rows and "nmf" in rows:
         for col, better in (("accuracy_reconstructed", np.greater), ("c_del", np.greater),
                             ("ice_fidelity", np.less)):

@@ -2,8 +2,9 @@
 
 All of them score the basis through the served projection (the explain core's NNLS codes):
 - concept deletion / insertion (FACE): accuracy on reconstructions with the top-i concepts (by
-  mean contribution) removed / kept; C-Del = sum_i (acc_0 - acc_i) / (k + 1), C-Ins = mean of the
-  insertion curve over i = 1..k; C-Gini of the importances; U-Spr, the share of non-zero codes;
+  mean contribution, and by CRAFT's Sobol total-order importance as FACE orders them) removed /
+  kept; C-Del = sum_i (acc_0 - acc_i) / (k + 1), C-Ins = mean of the insertion curve over
+  i = 1..k; C-Gini of the importances; U-Spr, the share of non-zero codes;
 - stability: mean cosine between the basis and bases fitted on folds, after Hungarian matching;
 - the stitched-prototype test (Herdt & Otero Baguer): each concept's top crop stitched into one
   image, which the model should classify as the class (a grid rather than the paper's vertical
@@ -34,10 +35,28 @@ def gini(x: np.ndarray) -> float:
     return float((2 * np.arange(1, n + 1) - n - 1) @ a / (n * a.sum()))
 
 
+ORDERINGS = ("contribution", "sobol")
+
+
 def concept_curves(explainer: Explainer, cid: int, feats: np.ndarray, head_weight, head_bias,
-                   head_fn: Callable | None, codes: np.ndarray | None = None) -> dict:
+                   head_fn: Callable | None, codes: np.ndarray | None = None, importance: str = "contribution",
+                   n_designs: int = 32, seed: int = 0) -> dict:
     """Deletion/insertion curves, C-Del, C-Ins, C-Gini, U-Spr and accuracy on reconstructions
-    (``codes``: the served codes (N, HW, k) of ``feats`` when already at hand)."""
+    (``codes``: the served codes (N, HW, k) of ``feats`` when already at hand).
+
+    Concepts are ordered two ways, and the curves are computed for both: by mean contribution
+    (mean over the images of s_j w_j) and by CRAFT's Sobol total-order importance
+    (:func:`.importance.sobol_total_order`, ``n_designs`` and ``seed``; FACE's order). ``importance``
+    picks the ordering behind the unsuffixed keys: ``importance`` (k,) and ``gini`` (of those
+    values), ``deletion_curve`` / ``insertion_curve`` (k + 1 accuracies each), ``c_del`` and
+    ``c_ins``; ``importance_kind`` names it. Both orderings' results: ``c_del_<o>``, ``c_ins_<o>``,
+    ``gini_<o>``, ``deletion_curve_<o>``, ``insertion_curve_<o>`` for o in contribution and sobol,
+    and the per-concept values ``contribution_importance`` and ``sobol_importance`` (k,).
+    """
+    from .importance import sobol_total_order
+
+    if importance not in ORDERINGS:
+        raise ValueError(f"unknown concept importance {importance!r}: choose {' or '.join(ORDERINGS)}")
     if len(feats) == 0:
         return {}
     feats = feats.astype(np.float32)
@@ -47,8 +66,9 @@ def concept_curves(explainer: Explainer, cid: int, feats: np.ndarray, head_weigh
     n, c, h, w = feats.shape
     k = codes.shape[2]
     weights = explainer.bundle.classes[cid].weights
-    importance = (codes.mean(axis=1) * weights).mean(axis=0)  # mean contribution (k,)
-    order = np.argsort(-importance, kind="stable")
+    values = {"contribution": (codes.mean(axis=1) * weights).mean(axis=0),  # mean contribution (k,)
+              "sobol": sobol_total_order(codes, proj.basis, head_weight if head_weight is not None else head_fn,
+                                         cid, (c, h, w), n_designs=n_designs, seed=seed)}
 
     def accuracy(mask: np.ndarray) -> float:
         masked = codes * mask
@@ -59,17 +79,25 @@ def concept_curves(explainer: Explainer, cid: int, feats: np.ndarray, head_weigh
             logits = head_fn(recon.astype(np.float32))
         return float((logits.argmax(axis=1) == cid).mean())
 
-    deletion, insertion = [], []
-    for i in range(k + 1):
-        drop = np.ones(k, np.float32)
-        drop[order[:i]] = 0
-        deletion.append(accuracy(drop))
-        insertion.append(accuracy(1 - drop))
-    return {"accuracy_reconstructed": deletion[0], "deletion_curve": deletion, "insertion_curve": insertion,
-            "c_del": float(sum(deletion[0] - a for a in deletion) / (k + 1)),
-            "c_ins": float(np.mean(insertion[1:])), "gini": gini(importance),
-            "sparsity": float((codes > 1e-6 * max(float(codes.max(initial=0)), 1e-12)).mean()),
-            "importance": [float(v) for v in importance]}
+    out = {"sparsity": float((codes > 1e-6 * max(float(codes.max(initial=0)), 1e-12)).mean())}
+    for name, imp in values.items():
+        order = np.argsort(-imp, kind="stable")
+        deletion, insertion = [], []
+        for i in range(k + 1):
+            drop = np.ones(k, np.float32)
+            drop[order[:i]] = 0
+            deletion.append(accuracy(drop))
+            insertion.append(accuracy(1 - drop))
+        out.update({f"deletion_curve_{name}": deletion, f"insertion_curve_{name}": insertion,
+                    f"c_del_{name}": float(sum(deletion[0] - a for a in deletion) / (k + 1)),
+                    f"c_ins_{name}": float(np.mean(insertion[1:])) if k else float("nan"),
+                    f"gini_{name}": gini(imp), f"{name}_importance": [float(v) for v in imp]})
+    out["accuracy_reconstructed"] = out["deletion_curve_contribution"][0]
+    out.update({"importance_kind": importance, "importance": out[f"{importance}_importance"],
+                "deletion_curve": out[f"deletion_curve_{importance}"],
+                "insertion_curve": out[f"insertion_curve_{importance}"], "c_del": out[f"c_del_{importance}"],
+                "c_ins": out[f"c_ins_{importance}"], "gini": out[f"gini_{importance}"]})
+    return out
 
 
 def matched_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,19 +166,28 @@ def most_confused(logits: np.ndarray, cid: int, candidates: set[int]) -> int | N
 
 
 def attribution_pixels(feats: np.ndarray, head, cid: int, max_pixels: int, seed: int,
-                       frac: float = 0.25) -> np.ndarray:
-    """Pixels (m, C) whose channel-mean gradient x activation for ``cid`` exceeds ``frac`` x the image's
-    max (Herdt & Otero Baguer's contrast data), at most ``max_pixels``, seeded subsample.
+                       frac: float = 0.25, method: str = "gradxact", reference: np.ndarray | None = None
+                       ) -> np.ndarray:
+    """Pixels (m, C) whose channel-mean attribution for ``cid`` exceeds ``frac`` x the image's max
+    (Herdt & Otero Baguer's contrast data), at most ``max_pixels``, seeded subsample.
 
-    ``head``: W (K, C) of a linear head (numpy), or the torch head module (autograd).
+    ``head``: W (K, C) of a linear head (numpy), or the torch head module (autograd). ``method``:
+    "gradxact" (gradient x activation; "grad_x_act" also accepted) or "deeplift" (captum's DeepLift
+    at the features against ``reference``, the reference image's features (C, H, W) from
+    :func:`.learners.attribution.reference_features`; zero activations when None, where DeepLift of a
+    linear head equals gradient x activation).
     """
     import torch
 
-    from .learners.attribution import attribution_map
+    from .learners.attribution import attribution_map, attribution_method, deeplift_feature_map
     from .learners.contrast import filter_pixels
 
+    method = attribution_method(method)
     acts = torch.from_numpy(np.ascontiguousarray(feats, np.float32))
-    maps = attribution_map(acts, torch.from_numpy(head) if isinstance(head, np.ndarray) else head, cid)
+    if method == "deeplift":
+        maps = deeplift_feature_map(acts, head, cid, reference)
+    else:
+        maps = attribution_map(acts, torch.from_numpy(head) if isinstance(head, np.ndarray) else head, cid)
     px = filter_pixels(acts, maps, frac).numpy()
     if len(px) > max_pixels:
         px = px[np.random.default_rng(seed).choice(len(px), max_pixels, replace=False)]

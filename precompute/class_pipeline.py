@@ -90,9 +90,11 @@ class ClassPipeline:
         from .fit import fit_learner
 
         cfg = self.cfg
+        # the DeepLift reference is an array: passed to the learner, never hashed or written to the manifest
         return fit_learner(self.job.method, feats, k=k, class_id=cls, head_weight=self.hw, head_bias=self.hb,
                            seed=cfg.seed, device=self.job.device, max_iter=cfg.nmf_max_iter, tol=cfg.nmf_tol,
-                           params={**cfg.method_params, **(params or {})})
+                           params={**cfg.method_params, "attribution": cfg.attribution,
+                                   "deeplift_reference": self.job.deeplift_reference(), **(params or {})})
 
     def fit_basis(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None) -> np.ndarray:
         """basis (k, C) of the job's learner on ``feats``."""
@@ -178,14 +180,15 @@ class ClassPipeline:
             log.info("class %d: no contrast data (%s)", cls, "signed activations" if self.job.signed else
                      "the non-linear head is an ONNX graph, without gradients")
             return {}, {}
-        px = attribution_pixels(data.train_feats, head, cls, cfg.contrast_samples, cfg.seed)
+        px = attribution_pixels(data.train_feats, head, cls, cfg.contrast_samples, cfg.seed, method=cfg.attribution,
+                                reference=self.job.deeplift_reference())
         tensors = {"samples": px.astype(np.float16)}
         logits = logits_of(data.feats, self.hw, self.hb, self.hfn)
         other = most_confused(logits, cls, {c for c, r in self.records.items() if len(r) >= 2} - {cls})
         if other is None or len(px) < len(fit.basis):
             return {}, tensors
         return self.job._contrast_pair(cls, other, px, self.records[other], head, self.hw, self.hb, self.hfn,
-                                       tensors), tensors
+                                       tensors, len(fit.basis)), tensors
 
     def examples(self, data: ClassData, codes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Codes (n, k, H, W) and JPEGs of the first ``--examples`` images of the curves' split."""

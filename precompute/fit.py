@@ -16,7 +16,8 @@ def fit_basis(method: str, feats: np.ndarray, *, k: int, class_id: int, head_wei
               tol: float = 1e-4, params: dict | None = None) -> np.ndarray:
     """Learn class ``class_id``'s concept basis (k, C) from its images' features (N, C, H, W): rows >= 0, signed for seminmf.
 
-    params: ``face_lambda`` (FACE's KL weight, default 1.0), ``attribution`` ("grad_x_act").
+    params: ``face_lambda`` (FACE's KL weight, default 1.0), ``attribution`` ("gradxact" | "deeplift",
+    with ``deeplift_reference`` features).
     FACE and attribution-weighted NMF need a GAP+linear head (head_weight, head_bias).
     """
     model = fit_learner(method, feats, k=k, class_id=class_id, head_weight=head_weight, head_bias=head_bias,

@@ -370,6 +370,16 @@ class Job:
         head = self.model.head
         return (head.weight, head.bias, None) if head.linear else (None, None, head.logits)
 
+    def deeplift_reference(self) -> np.ndarray | None:
+        """Features (C, H, W) of DeepLift's reference image (with --attribution deeplift), computed once."""
+        if self.cfg.attribution != "deeplift":
+            return None
+        if getattr(self, "_deeplift_ref", None) is None:
+            from .learners.attribution import reference_features
+
+            self._deeplift_ref = reference_features(self._forward(), self.model.preprocessing.crop)
+        return self._deeplift_ref
+
     def _attribution_head(self):
         """What attribution maps differentiate: W of a linear head, or the torch head module;
         None for a non-linear head that is only an ONNX graph (no gradients: no contrast data)."""
@@ -404,7 +414,8 @@ class Job:
         from .learners.contrast import shift_test
 
         feats_b = np.stack([r.features for r in recs_b]).astype(np.float32)
-        px_b = attribution_pixels(feats_b, head_for_attr, b, self.cfg.contrast_samples, self.cfg.seed)
+        px_b = attribution_pixels(feats_b, head_for_attr, b, self.cfg.contrast_samples, self.cfg.seed,
+                                  method=self.cfg.attribution, reference=self.deeplift_reference())
         if len(px_b) == 0:
             return {}
         pair = compute_pair(a, b, px_a, px_b, k, seed=self.cfg.seed, method=METHOD_PRECOMPUTED)

@@ -7,9 +7,11 @@ image is a copy, no JavaScript, no network)::
       index.html             method and model, then every class sorted by held-out ICE fidelity
                              (lower is better), flagged classes marked with their flags
       class-<id>.html        one page per class: flags, the metrics (held-out and train side by
-                             side), deletion/insertion curves (inline SVG), the stitched-prototype
-                             and hyperplane-shift tests, each concept's weight and prototype crops,
-                             example images with each concept's heatmap over them
+                             side), deletion/insertion curves (inline SVG) with C-Del / C-Ins of
+                             both concept orders (mean contribution, Sobol total order), the
+                             stitched-prototype and hyperplane-shift tests, each concept's weight,
+                             contribution, Sobol importance and prototype crops, example images
+                             with each concept's heatmap over them
       style.css
       img/<id>/...           copied prototype crops (JPEG) and rendered example overlays (JPEG)
       .conceptlens-report    marker: this directory is a report and may be replaced by the next one
@@ -51,9 +53,12 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "top1_agreement": ("top-1 agreement, true vs reconstructed", "higher is better"),
     "accuracy_reconstructed": ("accuracy on reconstructed activations", "higher is better"),
     "recon_error": ("reconstruction error (relative L2)", "lower is better"),
-    "c_del": ("concept deletion (C-Del)", "lower is better"),
+    "c_del": ("concept deletion (C-Del)", "higher is better"),
     "c_ins": ("concept insertion (C-Ins)", "higher is better"),
+    "c_del_contribution": ("C-Del, concepts by mean contribution", "higher is better"),
+    "c_del_sobol": ("C-Del, concepts by Sobol importance", "higher is better"),
     "gini": ("Gini sparsity", ""),
+    "importance_kind": ("concept order of C-Del, C-Ins, Gini and the curves", ""),
     "sparsity": ("sparsity", ""),
     "stability": ("stability across folds", "higher is better"),
     "identity_max_error": ("max error of the logit identity", "lower is better"),
@@ -61,9 +66,17 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
 }
 METRIC_ORDER = list(METRIC_LABELS)
 CURVES = {"deletion_curve": ("deletion", "#c0392b"), "insertion_curve": ("insertion", "#2471a3")}
-# Columns of the index beyond the fixed ones, shown when any class has them (held-out split).
-INDEX_OPTIONAL = {"accuracy_reconstructed": "accuracy<br>recon.", "c_del": "C-Del", "c_ins": "C-Ins",
-                  "gini": "Gini", "stability": "stability"}
+# Concept orderings of the deletion / insertion test (precompute/checks.py): by mean contribution and
+# by CRAFT's Sobol total-order importance. Their per-ordering keys get a table of their own.
+ORDERINGS = {"contribution": "mean contribution", "sobol": "Sobol total order"}
+ORDERING_KEYS = tuple(f"{m}_{o}" for o in ORDERINGS for m in ("c_del", "c_ins", "gini", "deletion_curve",
+                                                              "insertion_curve")) + \
+    tuple(f"{o}_importance" for o in ORDERINGS)
+# Columns of the index beyond the fixed ones, shown when any class has them (held-out split); C-Del of
+# both orderings where the bundle has them, else C-Del of the one ordering it has.
+INDEX_OPTIONAL = {"accuracy_reconstructed": "accuracy<br>recon.", "c_del": "C-Del",
+                  "c_del_contribution": "C-Del<br>contrib.", "c_del_sobol": "C-Del<br>Sobol",
+                  "c_ins": "C-Ins", "gini": "Gini", "stability": "stability"}
 
 CSS = """\
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1400px;
@@ -395,6 +408,8 @@ def render_index(bundle: Bundle, order: list[tuple[int, dict]]) -> str:
     fids = [f for f in (held_out_fidelity(info) for _, info in order) if f is not None]
     optional = [k for k in INDEX_OPTIONAL
                 if any(_is_num(_split(info.get("metrics") or {}, "held_out").get(k)) for _, info in order)]
+    if "c_del_contribution" in optional and "c_del_sobol" in optional:
+        optional.remove("c_del")  # it is one of the two
     has_stitched = any(isinstance((info.get("metrics") or {}).get("stitched"), dict) for _, info in order)
     parts = ["<h1>conceptlens evaluation report</h1>",
              f"<p>{len(order)} classes, <b>{n_flagged} flagged</b>"
@@ -463,7 +478,7 @@ def _metrics_table(metrics: dict) -> str:
     keys: list[str] = []
     for s in splits:
         for k, v in _split(metrics, s).items():
-            if k not in keys and not isinstance(v, (list, dict)):
+            if k not in keys and not isinstance(v, (list, dict)) and k not in ORDERING_KEYS:
                 keys.append(k)
     keys.sort(key=lambda k: (METRIC_ORDER.index(k) if k in METRIC_ORDER else len(METRIC_ORDER), k))
     rows = ["<table class=metrics><tr><th class=l>metric</th>"
@@ -476,7 +491,7 @@ def _metrics_table(metrics: dict) -> str:
     # other list-valued entries that are neither plotted nor per-concept
     for s in splits:
         for k, v in _split(metrics, s).items():
-            if isinstance(v, (list, dict)) and k not in CURVES and k != "importance":
+            if isinstance(v, (list, dict)) and k not in CURVES and k != "importance" and k not in ORDERING_KEYS:
                 rows.append(f"<tr><td class=l><code class=small>{esc(k)}</code> ({esc(SPLIT_TITLES.get(s, s))})</td>"
                             f"<td class=l colspan={len(splits) + 1}><code class=small>{esc(_json_short(v))}</code></td></tr>")
     rows.append("</table>")
@@ -495,11 +510,59 @@ def _curves_html(metrics: dict) -> str:
         return ""
     plot = svg_line_plot(series, x_label="top concepts removed (deletion) / inserted (insertion)",
                          y_label="accuracy", title="concept deletion and insertion curves")
+    kind = next((_split(metrics, s).get("importance_kind") for s in SPLITS
+                 if isinstance(_split(metrics, s).get("importance_kind"), str)), None)
+    by = f" by {ORDERINGS.get(kind, kind)}" if kind else " by importance"
     return ("<h2>Deletion and insertion curves</h2>"
             "<p class='small muted'>Accuracy after removing (deletion) or keeping only (insertion) the "
-            "top-i concepts by importance, i = 0…k. A faithful basis drops fast under deletion and "
+            f"top-i concepts{esc(by)}, i = 0…k. A faithful basis drops fast under deletion and "
             "rises fast under insertion.</p>"
-            f"<div class=plots>{plot}</div>")
+            f"<div class=plots>{plot}{_orderings_plot(metrics)}</div>{_orderings_table(metrics)}")
+
+
+def _orderings_split(metrics: dict) -> str | None:
+    """The split whose curves were computed for both concept orderings (held-out, else train)."""
+    return next((s for s in SPLITS if all(_is_num(_split(metrics, s).get(f"c_del_{o}")) for o in ORDERINGS)), None)
+
+
+def _orderings_plot(metrics: dict) -> str:
+    """Deletion and insertion curves of both concept orderings on one split, side by side."""
+    s = _orderings_split(metrics)
+    if s is None:
+        return ""
+    split = _split(metrics, s)
+    series = []
+    for (o, short), dashed in zip((("contribution", "contribution"), ("sobol", "Sobol")), (False, True)):
+        for key, (label, color) in CURVES.items():
+            vals = split.get(f"{key}_{o}")
+            if isinstance(vals, list) and vals:
+                series.append(Series(f"{label}, {short} order", vals, color, dashed=dashed))
+    if not series:
+        return ""
+    return svg_line_plot(series, x_label="top concepts removed / inserted", y_label="accuracy",
+                         title=f"deletion and insertion by concept order ({SPLIT_TITLES[s]})")
+
+
+def _orderings_table(metrics: dict) -> str:
+    """C-Del, C-Ins and Gini of both concept orderings."""
+    s = _orderings_split(metrics)
+    if s is None:
+        return ""
+    split = _split(metrics, s)
+    kind = split.get("importance_kind")
+    rows = [f"<table class=orderings><tr><th class=l>concepts ordered by <span class=small>({esc(SPLIT_TITLES[s])})"
+            "</span></th><th>C-Del ↑</th><th>C-Ins ↑</th><th>Gini</th></tr>"]
+    for o, label in ORDERINGS.items():
+        mark = " <span class='small muted'>(the order of the curves above and the metrics)</span>" if o == kind else ""
+        rows.append(f"<tr><td class=l>{esc(label)}{mark}</td>"
+                    + "".join(f"<td>{esc(fmt(split.get(f'{m}_{o}')))}</td>" for m in ("c_del", "c_ins", "gini"))
+                    + "</tr>")
+    rows.append("</table>")
+    return ("<p class='small muted'>The same test with the concepts ordered by their mean contribution to the "
+            "class logit and by CRAFT's Sobol total-order importance (the share of the logit's variance "
+            "each concept accounts for when the concepts' codes are randomly scaled; FACE's order). "
+            "C-Del = Σ<sub>i</sub> (acc<sub>0</sub> − acc<sub>i</sub>) / (k + 1), C-Ins = the mean of the "
+            "insertion curve over i = 1…k.</p>" + "".join(rows))
 
 
 def _kv_table(d: dict, skip: Iterable[str] = ()) -> str:
@@ -590,12 +653,10 @@ class _ClassRenderer:
         cc = self.bundle.classes.get(cid)
         if cc is None:
             return "<p class=muted>no concepts for this class in concepts.safetensors</p>"
-        importance = _split(cc.metrics, "held_out").get("importance")
-        if not (isinstance(importance, list) and len(importance) == cc.k):
-            importance = None
+        columns = self._importance_columns(cc)
         top_w = max([abs(float(w)) for w in cc.weights] + [1e-12])
         parts = ["<table class=concepts><tr><th>concept</th><th>weight</th><th class=l></th>"
-                 + ("<th>importance<br><span class=small>held-out</span></th>" if importance else "")
+                 + "".join(head for head, _ in columns)
                  + "<th class=l>prototype crops (cosine score)</th></tr>"]
         for j in range(cc.k):
             w = float(cc.weights[j])
@@ -615,11 +676,33 @@ class _ClassRenderer:
                 rel = dst.relative_to(self.out).as_posix()
                 figs.append(f"<figure><a href='{esc(rel)}'><img src='{esc(rel)}' alt='concept {j} prototype {r}' "
                             f"title='{tip}'></a><figcaption>{ref.score:.2f}</figcaption></figure>")
-            imp = f"<td>{esc(fmt(importance[j]))}</td>" if importance else ""
+            imp = "".join(f"<td>{esc(fmt(values[j]))}"
+                          + (f" <span class='muted small'>#{rank[j]}</span>" if rank else "") + "</td>"
+                          for _, (values, rank) in columns)
             parts.append(f"<tr><td>{j}</td><td>{w:.4f}</td><td class=l>{bar}</td>{imp}"
                          f"<td class='l protos'>{''.join(figs) or '<span class=muted>none</span>'}</td></tr>")
         parts.append("</table>")
         return "".join(parts)
+
+    @staticmethod
+    def _importance_columns(cc) -> list[tuple[str, tuple[list, dict | None]]]:
+        """Per-concept importance columns (header, (values, rank of each concept)) of the split with the
+        curves: mean contribution and Sobol importance when the bundle has both, else its ``importance``."""
+        for s in SPLITS:
+            split = _split(cc.metrics, s)
+            cols = []
+            for o, label in (("contribution", "contribution"), ("sobol", "Sobol importance")):
+                v = split.get(f"{o}_importance")
+                if isinstance(v, list) and len(v) == cc.k and all(_is_num(x) for x in v):
+                    order = sorted(range(cc.k), key=lambda j: -float(v[j]))
+                    cols.append((f"<th>{label}<br><span class=small>{SPLIT_TITLES[s]} (rank)</span></th>",
+                                 (v, {j: r + 1 for r, j in enumerate(order)})))
+            if cols:
+                return cols
+            v = split.get("importance")
+            if isinstance(v, list) and len(v) == cc.k:
+                return [(f"<th>importance<br><span class=small>{SPLIT_TITLES[s]}</span></th>", (v, None))]
+        return []
 
     def examples_html(self, cid: int) -> str:
         b = self.bundle
@@ -703,8 +786,9 @@ class _ClassRenderer:
         parts.append(_shift_html(metrics.get("shift")))
         parts.append("<h2>Concepts</h2>"
                      "<p class='small muted'>Weight: the change of the class logit per unit of the concept's "
-                     "presence. Prototypes: the dataset crops whose mean activation is closest to the concept "
-                     "direction.</p>" + self.concepts_html(cid, info))
+                     "presence. Contribution: the concept's mean presence × weight over the images. Sobol "
+                     "importance: its total-order index (CRAFT). Prototypes: the dataset crops whose mean "
+                     "activation is closest to the concept direction.</p>" + self.concepts_html(cid, info))
         parts.append(self.examples_html(cid))
         other = {k: v for k, v in metrics.items() if k not in ("stitched", "shift") and k not in SPLITS
                  and not (isinstance(v, dict) and v and all(_is_num(x) or isinstance(x, (list, bool)) for x in v.values()))}

@@ -212,6 +212,27 @@ def load_manifest(root: Path) -> Manifest:
         raise BundleError(f"{path}: {e}") from None
 
 
+SAFE_SUFFIXES = (".json", ".safetensors", ".onnx", ".jpg", ".jpeg", ".png")
+
+
+def refuse_unsafe_files(root: Path, manifest: Manifest) -> None:
+    """Refuse a bundle that lists a file of a format that can run code when loaded (a pickle, a
+    torch zip archive, or anything but JSON, safetensors, ONNX and images): nothing is unpickled,
+    ever, and a bundle that carries a pickle is a bundle someone tampered with."""
+    for name in sorted(manifest.files):
+        path = Path(root) / name
+        if not name.lower().endswith(SAFE_SUFFIXES):
+            raise BundleError(f"bundle {root}: {name} is not a JSON, safetensors, ONNX or image file: refused")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            continue  # a missing file is verify_files' error
+        if (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head.startswith(b"PK\x03\x04"):
+            raise BundleError(f"bundle {root}: {name} holds a pickle or a torch archive: refused "
+                              f"(conceptlens never unpickles)")
+
+
 def verify_files(root: Path, manifest: Manifest) -> None:
     """Check every file listed in the manifest against its sha256; raise BundleError naming the bad ones."""
     root = Path(root)
@@ -245,6 +266,7 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
     """
     root = Path(root)
     manifest = load_manifest(root)
+    refuse_unsafe_files(root, manifest)
     if verify:
         verify_files(root, manifest)
     try:

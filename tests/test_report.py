@@ -85,6 +85,46 @@ def test_cli_errors(tmp_path, capsys):
     assert default_out_dir(tmp_path / "b") == tmp_path / "b-report"
 
 
+def _ordering_metrics(k: int = 3, kind: str = "sobol") -> dict:
+    """A held-out split with the deletion/insertion results of both concept orderings (issue 12)."""
+    return {"c_del": 0.6 if kind == "sobol" else 0.4, "c_ins": 0.9, "gini": 0.3, "importance_kind": kind,
+            "c_del_contribution": 0.4, "c_ins_contribution": 0.8, "gini_contribution": 0.2,
+            "c_del_sobol": 0.6, "c_ins_sobol": 0.9, "gini_sobol": 0.3,
+            "deletion_curve": [1.0, 0.3, 0.1, 0.0], "insertion_curve": [0.0, 0.7, 1.0, 1.0],
+            "deletion_curve_contribution": [1.0, 0.6, 0.2, 0.0], "insertion_curve_contribution": [0.0, 0.5, 0.9, 1.0],
+            "deletion_curve_sobol": [1.0, 0.3, 0.1, 0.0], "insertion_curve_sobol": [0.0, 0.7, 1.0, 1.0],
+            "contribution_importance": [2.0, 0.5, 1.0][:k], "sobol_importance": [0.1, 0.7, 0.2][:k],
+            "importance": [0.1, 0.7, 0.2][:k]}
+
+
+def test_report_shows_both_concept_orderings():
+    from types import SimpleNamespace
+
+    from conceptlens.precompute.report import _ClassRenderer, _curves_html, _metrics_table
+
+    metrics = {"held_out": _ordering_metrics()}
+    html_ = _curves_html(metrics)
+    assert "by Sobol total order" in html_  # the chosen ordering names the curves
+    assert html_.count("<svg") == 2 and "contribution order" in html_ and "Sobol order" in html_
+    table = html_[html_.index("<table class=orderings>"):]
+    for v in ("0.4", "0.8", "0.6", "0.9"):  # C-Del / C-Ins of both orderings
+        assert f"<td>{v}</td>" in table
+    assert table.index("mean contribution") < table.index("Sobol total order")
+    # the metrics table keeps the chosen ordering's rows and leaves the per-ordering keys to that table
+    mt = _metrics_table(metrics)
+    assert "c_del_sobol" not in mt and "sobol_importance" not in mt and "deletion_curve_sobol" not in mt
+    assert "higher is better" in mt[mt.index("(C-Del)"):mt.index("(C-Del)") + 400]
+    # the concepts table: contribution and Sobol importance per concept, with their ranks
+    cols = _ClassRenderer._importance_columns(SimpleNamespace(metrics=metrics, k=3))
+    assert [h.split("<br>")[0] for h, _ in cols] == ["<th>contribution", "<th>Sobol importance"]
+    assert cols[0][1][1] == {0: 1, 2: 2, 1: 3} and cols[1][1][1] == {1: 1, 2: 2, 0: 3}
+    # an older bundle with one importance only
+    old = {"train": {"importance": [1.0, 2.0]}}
+    cols = _ClassRenderer._importance_columns(SimpleNamespace(metrics=old, k=2))
+    assert len(cols) == 1 and "importance" in cols[0][0] and cols[0][1] == ([1.0, 2.0], None)
+    assert "<table class=orderings>" not in _curves_html({"held_out": {"deletion_curve": [1.0, 0.0]}})
+
+
 # ------------------------------------------------------------------------------------------------
 # a real bundle, and the same bundle with the evaluation results that issue 4 adds
 
@@ -132,6 +172,12 @@ def augment_bundle(src: Path, dst: Path) -> dict:
         ho.setdefault("deletion_curve", [1.0 - i / k for i in range(k + 1)])
         ho.setdefault("insertion_curve", [(i / k) ** 0.5 for i in range(k + 1)])
         ho.setdefault("importance", [float(x) for x in np.linspace(1.0, 0.2, k)])
+        for key, v in _ordering_metrics().items():  # both concept orderings (issue 12)
+            if key.endswith("importance"):
+                v = [float(x) for x in np.linspace(1.0, 0.2, k)[::-1 if key.startswith("sobol") else 1]]
+            elif "curve" in key:
+                v = [1.0 - i / k for i in range(k + 1)] if key.startswith("deletion") else [(i / k) ** 0.5 for i in range(k + 1)]
+            ho.setdefault(key, v)
         info["metrics"].get("train", {}).setdefault("deletion_curve", [1.0 - 0.8 * i / k for i in range(k + 1)])
         info["metrics"].setdefault("stitched", {"pass": cid != flagged, "predicted": cid if cid != flagged else ids[0],
                                                 "predicted_name": bundle.class_names[cid if cid != flagged else ids[0]],
@@ -333,6 +379,7 @@ def test_report_in_headless_chromium(reports, server, tmp_path):
             assert "Deletion and insertion curves" in dom and "<svg" in dom and "<polyline" in dom
             assert "Stitched-prototype test" in dom and "Hyperplane shifting test" in dom
             assert "stitched_test_failed" in dom
+            assert "Sobol total order" in dom and "Sobol importance" in dom  # both concept orderings
             verdict = info["metrics"]["stitched"]["pass"]
             assert ("<span class=\"pass\">pass</span>" if verdict else "<span class=\"fail\">FAIL</span>") in dom
             # and a page with example heatmaps

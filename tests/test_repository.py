@@ -152,3 +152,51 @@ def test_new_version_under_load_no_failures_then_a_corrupt_one_is_refused(bundle
         assert server.stop() == 0
     print(f"\n{len(results)} answers from 8 clients in 20 s, 0 failed; the new version answered "
           f"{first_new - dropped:.2f} s after it was dropped in")
+
+
+def test_cached_answers_never_cross_models(bundles, tmp_path):
+    """Two models, one in-process cache, the same image and options: each model answers with its own
+    bundle, cached or not."""
+    repo = tmp_path / "repo"
+    publish(bundles[0], repo / "alpha" / "1")
+    publish(bundles[1], repo / "beta" / "1")
+    server = ServeProcess(None, "--repository-poll-s", "0", "--cache-size", "64", repository=repo)
+    try:
+        server.wait_ready(120)
+        img = jpeg_bytes(9)
+        with ExplainClient(server.target) as c:
+            for _ in range(2):  # a miss, then a hit, for each
+                a, b = c.explain(img, model="alpha", top_k=2), c.explain(img, model="beta", top_k=2)
+                assert (a.model, a.bundle_id) == ("alpha", _bundle_id(bundles[0]))
+                assert (b.model, b.bundle_id) == ("beta", _bundle_id(bundles[1]))
+            assert a.cache_hit and b.cache_hit
+    finally:
+        server.stop()
+
+
+def test_a_bundle_that_holds_a_pickle_is_refused(tiny_bundle, tmp_path):
+    import json
+    import pickle
+
+    from conceptlens.service.bundle import BundleError, compute_bundle_id, load_bundle, sha256_file
+
+    def tampered(name: str, data: bytes, rename: str | None = None) -> Path:
+        d = tmp_path / f"tampered{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_bundle, d)
+        manifest = json.loads((d / "manifest.json").read_text())
+        if rename:
+            del manifest["files"][name]
+            name = rename
+        (d / name).write_bytes(data)
+        manifest["files"][name] = sha256_file(d / name)  # checksums that match: only the content is wrong
+        manifest["bundle_id"] = compute_bundle_id(manifest["files"])
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        return d
+
+    payload = pickle.dumps({"basis/0": [1.0, 2.0]})
+    with pytest.raises(BundleError, match="holds a pickle"):
+        load_bundle(tampered("concepts.safetensors", payload))
+    with pytest.raises(BundleError, match="holds a pickle"):
+        load_bundle(tampered("concepts.safetensors", payload), verify=False)  # refused even unverified
+    with pytest.raises(BundleError, match="not a JSON, safetensors, ONNX or image file"):
+        load_bundle(tampered("concepts.safetensors", payload, rename="concepts.pkl"))
