@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .nmf import NMF, resolve_device
+from .base import ConceptLearner
+from .nmf import NMF
 
 Head = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
@@ -200,7 +201,7 @@ def deeplift_map(images, features: nn.Module, head: nn.Module, class_id: int, ba
     return torch.cat(maps)
 
 
-class AttributionNMF(nn.Module):
+class AttributionNMF(ConceptLearner):
     """NMF of pixel activations weighted by their attribution to one class.
 
     ``fit(acts (N, C, H, W), head_weight, head_bias, class_id)`` -> ``components_`` (k, C). The maps are
@@ -229,12 +230,10 @@ class AttributionNMF(nn.Module):
     def __init__(self, n_components: int, method: str = "gradxact", solver: str = "hals", max_iter: int = 200,
                  tol: float = 1e-4, seed: int = 0, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float32, reference=None):
-        super().__init__()
+        super().__init__(n_components, device, dtype)
         self.method = attribution_method(method)
         self.reference = reference
         self.nmf = NMF(n_components, solver=solver, max_iter=max_iter, tol=tol, seed=seed, device=device, dtype=dtype)
-        self.device, self.dtype = resolve_device(device), dtype
-        self.register_buffer("components_", torch.zeros(0))
         self.n_pixels_ = 0
 
     def fit(self, acts, head_weight: Head | None, head_bias=None, class_id: int = 0, *, maps=None, images=None,

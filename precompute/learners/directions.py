@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
-from .nmf import pixel_rows, resolve_device
+from .base import ConceptLearner, pixel_rows
 
 
 def _kmeanspp(x: torch.Tensor, weight: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -73,7 +72,7 @@ def signal_vectors(x: torch.Tensor, z: torch.Tensor, joint: bool = True) -> torc
     return (torch.linalg.pinv(cov, hermitian=True) @ cross).to(x.dtype)
 
 
-class DirectionPairs(nn.Module):
+class DirectionPairs(ConceptLearner):
     """Decoding directions from spherical k-means, encoding directions as signal vectors.
 
     ``fit(X (n, C))`` sets ``centroids_`` (k, C) unit cluster directions, ``decoding_`` (k, C) filters
@@ -95,17 +94,14 @@ class DirectionPairs(nn.Module):
     def __init__(self, n_components: int, max_iter: int = 100, tol: float = 1e-6, n_init: int = 3, seed: int = 0,
                  score: str = "projection", signal: str = "joint", ridge: float = 1e-4,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        if n_components < 1:
-            raise ValueError("n_components must be at least 1")
+        super().__init__(n_components, device, dtype)
         if score not in ("projection", "assignment"):
             raise ValueError(f"unknown score {score!r}")
         if signal not in ("joint", "single"):
             raise ValueError(f"unknown signal {signal!r}")
-        self.n_components, self.max_iter, self.tol, self.n_init, self.seed = n_components, max_iter, tol, n_init, seed
+        self.max_iter, self.tol, self.n_init, self.seed = max_iter, tol, n_init, seed
         self.score, self.signal, self.ridge = score, signal, ridge
-        self.device, self.dtype = resolve_device(device), dtype
-        for name in ("components_", "centroids_", "decoding_", "encoding_", "labels_"):
+        for name in ("centroids_", "decoding_", "encoding_", "labels_"):
             self.register_buffer(name, torch.zeros(0))
         self.n_iter_, self.inertia_ = 0, float("nan")
 
