@@ -86,7 +86,7 @@ def write_tiny_bundle(out: Path, seed: int = 0, extra_tensors=None) -> Path:
         tensors[f"basis/{cid}"] = basis
         tensors[f"weights/{cid}"] = (basis @ fc_w[cid]).astype(np.float32)
         classes[cid] = ClassEntry(name=TINY_CLASSES[cid], k=k, method="nmf",
-                                  metrics={"fidelity": {"relative_l1": 0.1 + cid / 100}, "reconstruction_error": 0.2},
+                                  metrics={"held_out": {"ice_fidelity": 0.1 + cid / 100, "recon_error": 0.2}},
                                   flags=["failed_stitched_prototype_test"] if cid == 2 else [])
         protos[cid] = []
         for j in range(k):
