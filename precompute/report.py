@@ -78,7 +78,8 @@ INDEX_OPTIONAL = {"accuracy_reconstructed": "accuracy<br>recon.", "c_del": "C-De
                   "c_del_contribution": "C-Del<br>contrib.", "c_del_sobol": "C-Del<br>Sobol",
                   "c_ins": "C-Ins", "gini": "Gini", "stability": "stability"}
 
-CSS = """\
+CSS = """tr.chosen td { font-weight: bold; }
+\
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1400px;
 padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -468,6 +469,34 @@ def _pass_html(v: Any) -> str:
     return esc(fmt(v))
 
 
+def _selection_html(selection: dict | None) -> str:
+    """How k and FACE's lambda were chosen (precompute/selection.py): the sweeps, the choice, the merges."""
+    if not isinstance(selection, dict) or not selection:
+        return ""
+    parts = ["<h2>How many concepts</h2>"]
+    k = selection.get("k")
+    if isinstance(k, dict):
+        rows = "".join(f"<tr{' class=chosen' if r.get('k') == k.get('chosen') else ''}><td>{esc(fmt(r.get('k')))}</td>"
+                       f"<td>{esc(fmt(r.get('val_ice_fidelity')))}</td><td>{esc(fmt(r.get('stability')))}</td></tr>"
+                       for r in k.get("sweep", []))
+        parts.append(f"<p>k = <b>{esc(fmt(k.get('chosen')))}</b>: the smallest k within 0.02 (or 10 %) of the best "
+                     "validation ICE fidelity whose stability is at least 0.8.</p><table><tr><th>k</th>"
+                     f"<th>validation ICE fidelity ↓</th><th>stability ↑</th></tr>{rows}</table>")
+    if selection.get("merged"):
+        parts.append(f"<p>Merged as one direction seen at different places: "
+                     f"{esc(', '.join(f'{i}+{j}' for i, j in selection['merged']))}; k after merging "
+                     f"{esc(fmt(selection.get('k_after_merge')))}.</p>")
+    lam = selection.get("lambda")
+    if isinstance(lam, dict):
+        rows = "".join(f"<tr{' class=chosen' if r.get('lambda') == lam.get('chosen') else ''}>"
+                       f"<td>{esc(fmt(r.get('lambda')))}</td><td>{esc(fmt(r.get('val_ice_fidelity')))}</td>"
+                       f"<td>{esc(fmt(r.get('val_top1_agreement')))}</td></tr>" for r in lam.get("sweep", []))
+        parts.append(f"<p>FACE's λ = <b>{esc(fmt(lam.get('chosen')))}</b>: the best validation ICE fidelity among "
+                     "the λ that keep top-1 agreement within 0.02 of λ = 0.</p><table><tr><th>λ</th>"
+                     f"<th>validation ICE fidelity ↓</th><th>top-1 agreement ↑</th></tr>{rows}</table>")
+    return "".join(parts)
+
+
 def _metrics_table(metrics: dict) -> str:
     splits = [s for s in SPLITS if _split(metrics, s)]
     splits += [s for s, v in metrics.items()  # any other split-like dict of scalars (e.g. a fold)
@@ -782,6 +811,7 @@ class _ClassRenderer:
                          "did not pass the evaluation; the service reports these flags with them.</div>")
         parts.append("<h2>Metrics</h2>" + _metrics_table(metrics))
         parts.append(_curves_html(metrics))
+        parts.append(_selection_html(metrics.get("selection")))
         parts.append(_stitched_html(metrics.get("stitched"), name))
         parts.append(_shift_html(metrics.get("shift")))
         parts.append("<h2>Concepts</h2>"
@@ -790,7 +820,7 @@ class _ClassRenderer:
                      "importance: its total-order index (CRAFT). Prototypes: the dataset crops whose mean "
                      "activation is closest to the concept direction.</p>" + self.concepts_html(cid, info))
         parts.append(self.examples_html(cid))
-        other = {k: v for k, v in metrics.items() if k not in ("stitched", "shift") and k not in SPLITS
+        other = {k: v for k, v in metrics.items() if k not in ("stitched", "shift", "selection") and k not in SPLITS
                  and not (isinstance(v, dict) and v and all(_is_num(x) or isinstance(x, (list, bool)) for x in v.values()))}
         if other:
             parts.append("<h2>Other evaluation results</h2>" + _kv_table(other))

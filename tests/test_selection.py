@@ -115,3 +115,14 @@ def test_fixed_k_fits_once_without_selection():
     feats, _ = planted_feats(2)
     learner, record = select(fake_pipeline(concepts=4), class_data(feats))
     assert learner.components_.shape == (4, C) and record == {}
+
+
+def test_the_report_shows_the_sweep_and_the_choice():
+    from conceptlens.precompute.report import _selection_html
+
+    feats, _ = planted_feats(4)
+    record = {}
+    k = choose_k(fake_pipeline(), class_data(feats), feats[:60], feats[60:], record)
+    page = _selection_html(record)
+    assert f"k = <b>{k}</b>" in page and page.count("<tr") == len(K_RANGE) + 1
+    assert f"<tr class=chosen><td>{k}</td>" in page
