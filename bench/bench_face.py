@@ -25,7 +25,8 @@ import torch
 
 from conceptlens.precompute.learners.attribution import attribution_map
 from conceptlens.precompute.learners.contrast import filter_pixels, fit_hyperplane
-from conceptlens.precompute.learners.face import FACE, reference_face_adam, served_metrics, sweep_lambda
+from conceptlens.precompute.learners.face import FACE
+from conceptlens.precompute.learners.face_reference import reference_face_adam, served_metrics, sweep_lambda
 from conceptlens.precompute.learners.nmf import NMF
 
 DEFAULT_ACTS = "/tmp/conceptlens-bench/effnet_lite0_cifar10.safetensors"

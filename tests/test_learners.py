@@ -10,8 +10,8 @@ from conceptlens.precompute.learners import LEARNERS, NMF, AttributionNMF, Direc
 from conceptlens.precompute.learners.attribution import attribution_map, deeplift_map
 from conceptlens.precompute.learners.contrast import (contrast_concepts, filter_pixels, fit_hyperplane,
                                                       shift_curve, shift_test)
-from conceptlens.precompute.learners.face import (NNLSCodes, _FaceObjective, nnls_codes, reference_face_adam,
-                                                  served_metrics, sweep_lambda)
+from conceptlens.precompute.learners.face import NNLSCodes, _FaceObjective, nnls_codes
+from conceptlens.precompute.learners.face_reference import reference_face_adam, served_metrics, sweep_lambda
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -73,7 +73,8 @@ def test_recovers_planted_directions(name):
     g = torch.Generator().manual_seed(7)
     head_w = torch.cat([torch.ones(1, 64), torch.randn(4, 64, generator=g)])  # class 0 likes every concept
     basis = _fit(name, acts, head_w, k=5)
-    assert basis.shape == (5, 64) and (basis >= 0).all()
+    assert basis.shape == (5, 64)
+    assert name == "directions" or (basis >= 0).all()  # directions serves encoding directions: signed
     assert matched_cosines(basis, d).min() > 0.95
 
 
@@ -200,6 +201,150 @@ def test_reference_face_adam_runs_the_reference_rule():
     assert res.steps == len(res.losses) <= 30
 
 
+# ---- FACE's speed-ups (issue 12): warm start, stop rule, NNLS warm start, preconditioner --------------
+
+def test_face_warm_start_never_ends_above_the_nmf_basis():
+    """FACE starts from the NMF learner's basis (same k, seed) and never ends with a higher objective
+    than that basis has under FACE's objective."""
+    from conceptlens.precompute.learners import face as face_mod
+
+    acts, w, b = fidelity_data(40, seed=0)
+    nmf_basis = NMF(6, seed=0).fit(acts.reshape(-1, 64)).components_
+    for lam in (0.1, 1.0, 10.0):
+        start = _FaceObjective(acts, w, b, lam, None)(nmf_basis)[0]
+        for second in (False, "auto"):  # here "auto" adds the head-weighted start (NMF loses the head's signal)
+            face_mod._NMF_STARTS.clear()
+            face = FACE(6, lam=lam, max_iter=40, head_weighted_start=second).fit(acts, w, b)
+            if second is False:
+                assert face.start_ == "nmf" and face.start_loss_ == pytest.approx(start, rel=1e-5)  # started there
+            final = _FaceObjective(acts, w, b, lam, None)(face.components_)[0]  # re-scored from scratch
+            assert final <= start * (1 + 1e-6) and face.loss_ == pytest.approx(final, rel=1e-4)
+            assert final < 0.99 * start  # and it moved
+    assert face.start_ == "head_weighted"
+
+
+def test_face_stop_rule_stops_early_on_a_converged_problem():
+    acts, _ = planted(n_img=30, noise=0.05)
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    b = torch.zeros(4)
+    kw = dict(lam=1.0, max_iter=200, head_weighted_start=False)
+    first = FACE(5, tol=1e-5, **kw).fit(acts, w, b)
+    assert first.n_iter_ < 200  # the relative-decrease rule ended it, not the cap
+    again = FACE(5, window=5, **kw).fit(acts, w, b, init=first.components_)
+    assert again.n_iter_ <= 6 and again.loss_ <= first.loss_ * (1 + 1e-4)  # (codes re-solved from cold)
+    assert FACE(5, **kw).fit(acts, w, b).n_iter_ < first.n_iter_  # the default tol ends sooner
+
+
+def test_face_reuses_the_nmf_start_across_a_lambda_sweep(monkeypatch):
+    from conceptlens.precompute.learners import face as face_mod
+
+    face_mod._NMF_STARTS.clear()
+    fits = []
+    real_fit = NMF.fit
+    monkeypatch.setattr(NMF, "fit", lambda self, x: fits.append(1) or real_fit(self, x))
+    acts, w, b = fidelity_data(20, seed=0)
+    kw = dict(max_iter=5, head_weighted_start=False)
+    bases = [FACE(6, lam=lam, **kw).fit(acts, w, b).components_ for lam in (0.0, 0.1, 1.0)]
+    assert len(fits) == 1 and all(torch.isfinite(p).all() for p in bases)
+    FACE(6, lam=1.0, seed=1, **kw).fit(acts, w, b)  # other settings: a fresh NMF
+    FACE(6, lam=1.0, **kw).fit(acts * 1.01, w, b)  # other data: a fresh NMF
+    assert len(fits) == 3
+
+
+@pytest.mark.parametrize("per_row", [False, True])  # True: the CUDA path (one batched inverse per row)
+def test_nnls_warm_start_by_block_pivoting_matches_a_cold_solve(per_row):
+    from conceptlens.precompute.learners.face import _nnls
+
+    g_ = torch.Generator().manual_seed(3)
+    p = torch.rand(6, 40, generator=g_, dtype=torch.float64)
+    v = torch.rand(500, 40, generator=g_, dtype=torch.float64) * (torch.rand(500, 40, generator=g_) < 0.4)
+    cold, _ = _nnls(v @ p.T, p @ p.T, None, 2000, 1e-12, per_row=per_row)
+    for scale in (0.01, 0.3):  # a nearby basis (the optimizer's next step) and a far one
+        p2 = (p + scale * torch.rand(p.shape, generator=g_, dtype=torch.float64)).clamp(min=0)
+        b2, g2 = v @ p2.T, p2 @ p2.T
+        warm, solver = _nnls(b2, g2, cold, 500, 1e-9, per_row=per_row)
+        ref, _ = _nnls(b2, g2, None, 5000, 1e-13, per_row=per_row)
+        assert (warm >= 0).all()
+        torch.testing.assert_close(warm, ref, atol=1e-8, rtol=1e-6)
+        # the solver returned serves the implicit gradient: G_FF^-1 on each row's support
+        torch.testing.assert_close(solver.apply(b2).clamp(min=0), warm, atol=1e-8, rtol=1e-6)
+
+
+def test_two_loop_in_inner_products_matches_the_classic_recursion():
+    import numpy as np_
+
+    from conceptlens.precompute.learners.face import _two_loop
+
+    g_ = torch.Generator().manual_seed(0)
+    n, m = 30, 6
+    s, y = torch.randn(m, n, generator=g_, dtype=torch.float64), torch.randn(m, n, generator=g_, dtype=torch.float64)
+    y = y + 3 * s  # s^T y > 0
+    free = (torch.rand(1, n, generator=g_) > 0.3).to(torch.float64)
+    g = torch.randn(1, n, generator=g_, dtype=torch.float64) * free
+    rho = 1.0 / (s * y).sum(1).numpy()
+    h0 = lambda q: 0.7 * q  # noqa: E731
+    q = g.clone()
+    alphas = []
+    for i in range(m - 1, -1, -1):
+        a = rho[i] * float((s[i] * free * q).sum())
+        q = q - a * y[i] * free
+        alphas.append(a)
+    r = h0(q)
+    for i, a in zip(range(m), reversed(alphas)):
+        r = r + (a - rho[i] * float((y[i] * free * r).sum())) * s[i] * free
+    torch.testing.assert_close(_two_loop(s, y, np_.asarray(rho), g, free, h0), r * free)
+
+
+def test_channel_block_preconditioner_inverts_its_blocks():
+    from conceptlens.precompute.learners.face import _ChannelBlocks
+
+    g_ = torch.Generator().manual_seed(1)
+    k, c = 4, 12
+    s = torch.rand(50, k, generator=g_, dtype=torch.float64)
+    a, sb = s.T @ s, 0.3 * (s[:10].T @ s[:10])
+    fisher = torch.rand(c, generator=g_, dtype=torch.float64)
+    p = torch.rand(k, c, generator=g_, dtype=torch.float64)
+    q = torch.randn(k, c, generator=g_, dtype=torch.float64)
+    pre = _ChannelBlocks(a, sb, fisher, p, span_beta=1.0)
+    expect = torch.stack([torch.linalg.solve(a + fisher[j] * sb, q[:, j]) for j in range(c)], 1)
+    torch.testing.assert_close(pre(q), expect, rtol=1e-4, atol=1e-8)
+    shrunk = _ChannelBlocks(a, sb, fisher, p, span_beta=0.1)
+    assert float((q * shrunk(q)).sum()) > float((q * pre(q)).sum()) > 0  # SPD, larger steps within span(P)
+
+
+# ---- the shared base ------------------------------------------------------------------------------------
+
+def test_every_registered_learner_exposes_the_base_attributes_after_fit_class():
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.standard_normal((12, 16, 3, 3))).astype(np.float32)
+    w = rng.standard_normal((4, 16)).astype(np.float32)
+    b = np.zeros(4, np.float32)
+    for method, learner_cls in LEARNERS.items():
+        learner = learner_cls.fit_class(feats, k=3, class_id=1, head_weight=w, head_bias=b, seed=0,
+                                        device=torch.device("cpu"), max_iter=20, tol=1e-4, params={})
+        assert learner.n_components == 3, method
+        assert learner.device == torch.device("cpu"), method
+        assert tuple(learner.components_.shape) == (3, 16), method
+        assert isinstance(learner, torch.nn.Module) and "components_" in dict(learner.named_buffers()), method
+
+
+def test_base_class_contract():
+    from conceptlens.precompute.learners.base import ConceptLearner
+    from conceptlens.precompute.learners.seminmf import SemiNMF
+
+    for cls in (NMF, SemiNMF, FACE):
+        assert issubclass(cls, ConceptLearner)
+    assert FACE.needs_linear_head and not NMF.needs_linear_head
+    with pytest.raises(ValueError, match="at least 1"):
+        NMF(0)
+    base = ConceptLearner(2, device="cpu")
+    assert base.device == torch.device("cpu") and base.components_.numel() == 0
+    with pytest.raises(NotImplementedError):
+        base.fit(torch.zeros(3, 2))
+    nmf = NMF(2).fit(torch.rand(20, 5))
+    torch.testing.assert_close(nmf.decode(nmf.encode(torch.rand(4, 5))).shape, torch.Size([4, 5]))
+
+
 # ---- attribution -------------------------------------------------------------------------------------
 
 def test_attribution_closed_form_matches_autograd():
@@ -243,7 +388,9 @@ def test_direction_pairs_signal_vectors():
     acts, d = planted(n_img=60)
     x = acts.reshape(-1, 64)
     dp = DirectionPairs(5).fit(x)
-    assert torch.allclose(dp.decoding_.norm(dim=1), torch.ones(5))
+    assert torch.allclose(dp.centroids_.norm(dim=1), torch.ones(5))  # the directional clusters
+    # decoding directions: the dual basis of the clusters (each reads its own, ignores the others)
+    assert torch.allclose(dp.decoding_ @ dp.centroids_.T, torch.eye(5), atol=1e-2)
     assert dp.encoding_.shape == (5, 64) and dp.labels_.shape == (x.shape[0],)
     assert matched_cosines(dp.encoding_, d).min() > 0.9
     again = DirectionPairs(5).fit(x)

@@ -11,19 +11,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
-
 import torch
-from torch import nn
 
-EPS = 1e-12
+from .base import EPS, ConceptLearner, pixel_rows, resolve_device, to_numpy
 
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto": CUDA when present, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+__all__ = ["NMF", "SOLVERS", "EPS", "hals_fit", "mu_fit", "nndsvda_init", "pixel_rows", "resolve_device", "to_numpy"]
 
 
 def nndsvda_init(x: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,43 +114,21 @@ def mu_fit(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, max_iter: int, tol
 SOLVERS: dict[str, Callable] = {"hals": hals_fit, "mu": mu_fit}
 
 
-def to_numpy(x, dtype=np.float32) -> np.ndarray:
-    """A tensor or array as a C-contiguous numpy array of ``dtype`` (for the numpy explain core)."""
-    return np.ascontiguousarray(torch.as_tensor(x).detach().cpu().numpy(), dtype=dtype)
-
-
-def pixel_rows(feats: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) feature maps -> (N*H*W, C) pixel activations, C-contiguous."""
-    n, c, h, w = feats.shape
-    return np.ascontiguousarray(feats.transpose(0, 2, 3, 1).reshape(n * h * w, c))
-
-
-class NMF(nn.Module):
+class NMF(ConceptLearner):
     """Non-negative matrix factorization with fit / encode / decode.
 
     ``components_`` (k, C) are the concept directions; ``encode`` gives codes (n, k) for new rows
     by non-negative least squares with the basis fixed.
     """
 
-    needs_linear_head = False  # a learner of LEARNERS: see fit_class
-
-    @classmethod
-    def fit_class(cls, feats: np.ndarray, *, k: int, seed: int, device, max_iter: int = 200, tol: float = 1e-4,
-                  **_) -> "NMF":
-        """The precompute job's entry (same for every learner of ``LEARNERS``): one class's images'
-        features (N, C, H, W) -> a fitted learner; keywords a learner does not use are ignored."""
-        return cls(k, max_iter=max_iter, tol=tol, seed=seed, device=device).fit(torch.from_numpy(pixel_rows(feats)))
+    # fit_class: ConceptLearner's (the pixel rows of one class's features)
 
     def __init__(self, n_components: int, solver: str = "hals", max_iter: int = 200, tol: float = 1e-4,
                  seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
-        super().__init__()
         if solver not in SOLVERS:
             raise ValueError(f"unknown NMF solver {solver!r}; choose from {sorted(SOLVERS)}")
-        if n_components < 1:
-            raise ValueError("n_components must be at least 1")
-        self.n_components, self.solver, self.max_iter, self.tol, self.seed = n_components, solver, max_iter, tol, seed
-        self.device, self.dtype = resolve_device(device), dtype
-        self.register_buffer("components_", torch.zeros(0))
+        super().__init__(n_components, device, dtype)
+        self.solver, self.max_iter, self.tol, self.seed = solver, max_iter, tol, seed
         self.n_iter_ = 0
         self.loss_ = float("nan")
 
@@ -201,6 +171,3 @@ class NMF(nn.Module):
             if (wt - old).abs().max() <= tol * wt.abs().max().clamp(min=EPS):
                 break
         return wt.T.contiguous()
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.components_

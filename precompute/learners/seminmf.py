@@ -22,12 +22,11 @@ Shapes: X (n, C) float32, S (n, k) >= 0, P = ``components_`` (k, C); ``fit_class
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-from torch import nn
 
+from .base import ConceptLearner
 from .directions import _kmeanspp
-from .nmf import EPS, _hals_sweeps, pixel_rows, resolve_device
+from .nmf import EPS, _hals_sweeps
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, gen: torch.Generator, n_iter: int = 10, n_init: int = 3
@@ -72,7 +71,7 @@ def _init_codes(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return (torch.linalg.pinv(ppt) @ (p @ x.T)).clamp(min=EPS).contiguous()
 
 
-class SemiNMF(nn.Module):
+class SemiNMF(ConceptLearner):
     """Semi-NMF with fit / encode / decode: X (n, C) signed ~ S (n, k) >= 0 @ P (k, C) signed.
 
     ``components_`` (k, C) float32, unit rows, are the concept directions; ``fit_transform`` returns the
@@ -80,25 +79,14 @@ class SemiNMF(nn.Module):
     the basis fixed; ``loss_`` is 1/2 ||X - S P||^2 at the end, ``n_iter_`` the outer iterations run.
     """
 
-    needs_linear_head = False  # a learner of LEARNERS: see fit_class
-
-    @classmethod
-    def fit_class(cls, feats: np.ndarray, *, k: int, seed: int, device, max_iter: int = 200, tol: float = 1e-4,
-                  **_) -> "SemiNMF":
-        """The precompute job's entry (as ``NMF.fit_class``): one class's images' features (N, C, H, W),
-        signed, -> a fitted learner; keywords it does not use are ignored."""
-        return cls(k, max_iter=max_iter, tol=tol, seed=seed, device=device).fit(torch.from_numpy(pixel_rows(feats)))
+    # fit_class: ConceptLearner's (the pixel rows of one class's features, signed)
 
     def __init__(self, n_components: int, max_iter: int = 200, tol: float = 1e-4, seed: int = 0,
                  inner: int = 10, ridge: float = 1e-6, kmeans_iter: int = 10, kmeans_init: int = 10,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        if n_components < 1:
-            raise ValueError("n_components must be at least 1")
-        self.n_components, self.max_iter, self.tol, self.seed = n_components, max_iter, tol, seed
+        super().__init__(n_components, device, dtype)
+        self.max_iter, self.tol, self.seed = max_iter, tol, seed
         self.inner, self.ridge, self.kmeans_iter, self.kmeans_init = inner, ridge, kmeans_iter, kmeans_init
-        self.device, self.dtype = resolve_device(device), dtype
-        self.register_buffer("components_", torch.zeros(0))
         self.n_iter_ = 0
         self.loss_ = float("nan")
 
@@ -177,6 +165,3 @@ class SemiNMF(nn.Module):
             if (st - old).abs().max() <= tol * st.abs().max().clamp(min=EPS):
                 break
         return st.T.contiguous()
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.components_
