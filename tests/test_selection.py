@@ -43,6 +43,7 @@ def fake_pipeline(concepts="auto", method="nmf"):
         return fl(method, feats, k=k, class_id=cls, head_weight=w, head_bias=b, seed=0,
                   device=torch.device("cpu"), max_iter=200, tol=1e-4, params=params)
     pipe.fit_learner = fit_learner
+    pipe.fit_basis = lambda cls, feats, k, params=None: fit_learner(cls, feats, k, params).components_.numpy()
     return pipe
 
 
@@ -126,3 +127,21 @@ def test_the_report_shows_the_sweep_and_the_choice():
     page = _selection_html(record)
     assert f"k = <b>{k}</b>" in page and page.count("<tr") == len(K_RANGE) + 1
     assert f"<tr class=chosen><td>{k}</td>" in page
+
+
+def test_face_lambda_is_chosen_by_validation_fidelity_within_the_accuracy_guard():
+    from conceptlens.precompute.selection import ACCURACY_GUARD, LAMBDAS, select
+
+    feats, _ = planted_feats(4, n=40)
+    pipe = fake_pipeline(concepts=5, method="face")
+    pipe.cfg.method_params = {"face_lambda": "auto"}
+    learner, record = select(pipe, class_data(feats))
+    rows = record["lambda"]["sweep"]
+    assert [r["lambda"] for r in rows] == list(LAMBDAS) and learner.components_.shape == (5, C)
+    floor = rows[0]["val_top1_agreement"] - ACCURACY_GUARD
+    allowed = [r for r in rows if r["val_top1_agreement"] >= floor]
+    chosen = record["lambda"]["chosen"]
+    assert chosen in [r["lambda"] for r in allowed]
+    assert next(r for r in rows if r["lambda"] == chosen)["val_ice_fidelity"] == min(
+        r["val_ice_fidelity"] for r in allowed)
+    assert "k" not in record  # k was given: only lambda was chosen
