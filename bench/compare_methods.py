@@ -68,7 +68,7 @@ def main() -> None:
 
     k = args.k if args.k == "auto" else int(args.k)
     lam = args.face_lambda if args.face_lambda == "auto" else float(args.face_lambda)
-    work = Path(tempfile.gettempdir()) / f"conceptlens-compare-{args.images}-{args.max_images}"
+    work = Path(tempfile.gettempdir()) / f"conceptlens-compare-{args.images}-{args.max_images}-k{args.k}"
     cfg = PrecomputeConfig(model="efficientnet-lite0", data=str(subset_shard(args.images)), out=str(work / "b"),
                            work=str(work), min_images=args.min_images, max_images=args.max_images, device="cpu",
                            concepts=k)
