@@ -273,7 +273,7 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
         return _read_bundle(root, manifest)
     except BundleError:
         raise
-    except (KeyError, ValueError, TypeError, OSError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
         raise BundleError(f"bundle {root} is incomplete or malformed: {type(e).__name__}: {e}") from e
 
 
@@ -291,10 +291,15 @@ def _read_bundle(root: Path, manifest: Manifest) -> Bundle:
     protos = {}
     if (root / "prototypes.json").is_file():
         protos = json.loads((root / "prototypes.json").read_text())
+        if not isinstance(protos, dict):
+            raise BundleError(f"{root / 'prototypes.json'} must be a JSON object of classes, not {type(protos).__name__}")
     classes = {}
     for cid, info in manifest.classes.items():
         refs = [[PrototypeRef(p["file"], p["source"], tuple(p["box"]), float(p["score"])) for p in concept]
                 for concept in protos.get(str(cid), [])]
+        for ref in (r for concept in refs for r in concept):
+            if not (root / ref.file).resolve().is_relative_to(root.resolve()):
+                raise BundleError(f"bundle {root}: prototype {ref.file!r} lies outside the bundle")
         classes[cid] = ClassConcepts(
             class_id=cid, name=info.name,
             basis=np.ascontiguousarray(tensors[f"basis/{cid}"], dtype=np.float32),

@@ -32,6 +32,7 @@ from .bundle import Preprocessing
 from .errors import InvalidInputError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard, width * height
+MAX_ASPECT_RATIO = 20  # long side / short side: a 1 x N image would be resized to resize x (resize * N) first
 FORMATS = ("JPEG", "PNG", "WEBP")
 FAST_JPEG_COLORSPACES = ("YCbCr", "Gray")  # TurboJPEG converts these to RGB exactly as Pillow does
 
@@ -148,6 +149,9 @@ def resize_crop(img: Image.Image | np.ndarray, pre: Preprocessing) -> np.ndarray
     (cheaper than PIL's crop and conversion).
     """
     size = (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else img.size
+    if max(size) > MAX_ASPECT_RATIO * min(size):
+        raise ImageError(f"image is {size[0]}x{size[1]}: an aspect ratio beyond {MAX_ASPECT_RATIO}:1 is not "
+                         f"supported (resizing its short side to {pre.resize} would make a huge image)")
     nw, nh, left, top = _resized_crop(size, pre)
     if (nw, nh) != size:
         img = (Image.fromarray(img) if isinstance(img, np.ndarray) else img).resize((nw, nh),

@@ -155,8 +155,12 @@ class ServingModel:
         features (C, H, W) and logits (K,) of one image; ``metrics`` gets each class's concept
         presence and residual (none in a TorchServe worker)."""
         t0 = time.perf_counter()
-        ranked = top_predictions(logits, self.names, max(plan.predictions, 0 if plan.classes is not None else plan.top_k))
-        cids = plan.classes if plan.classes is not None else [p.class_id for p in ranked[:plan.top_k]]
+        wanted = 0 if plan.classes is not None else plan.top_k + (plan.contrast is not None)
+        ranked = top_predictions(logits, self.names, max(plan.predictions, wanted))
+        if plan.classes is not None:
+            cids = plan.classes
+        else:  # top-k against a contrast class: the top k other than the contrast itself
+            cids = [p.class_id for p in ranked if p.class_id != plan.contrast][:plan.top_k]
         preds = ranked[:plan.predictions]
         heatmaps = plan.heatmap in (RAW, PNG)
         explained = [self.explainer.explain(features, logits, cid, contrast=plan.contrast,
