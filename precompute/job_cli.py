@@ -107,6 +107,13 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, device=args.device, shard=parse_shard(args.shard))
 
 
+def write_error(e: OSError, out: str) -> str:
+    """One line for a file-system error of the job (ENOSPC, EACCES, EROFS, ...)."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return (f"cannot write {out}: {e.strerror or e}{where}; nothing partial was published and an existing "
+            f"bundle there is unchanged; finished work is kept in the work directory, so a rerun resumes")
+
+
 def run(args: argparse.Namespace) -> int:
     from .datasets import DataError
     from .job import JobError, run as run_job
@@ -116,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         out = run_job(config_from_args(args), stage=args.stage)
     except (JobError, DataError, ModelError) as e:
         raise CLIError(str(e)) from None
+    except OSError as e:  # a full disk, a read-only directory: nothing partial is published (staged writes)
+        raise CLIError(write_error(e, args.out)) from None
     if out is not None:
         print(f"bundle written: {out}")
     return 0

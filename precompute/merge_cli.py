@@ -19,5 +19,9 @@ def run(args: argparse.Namespace) -> int:
         out = merge_bundle([Path(w) for w in args.work_dirs], Path(args.out))
     except JobError as e:
         raise CLIError(str(e)) from None
+    except OSError as e:
+        from .job_cli import write_error
+
+        raise CLIError(write_error(e, args.out)) from None
     print(f"bundle written: {out}")
     return 0
