@@ -82,11 +82,29 @@ def staged_dir(out: str | os.PathLike):
         raise
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where
+    the system or the file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
 def publish_dir(tmp: Path, out: Path) -> None:
     """Rename the finished directory ``tmp`` to ``out`` (readable by all, like any published
-    directory); an existing ``out`` is moved aside first and removed after, so readers see the
-    old directory or the new one."""
+    directory). An existing ``out`` is swapped with ``tmp`` in one atomic step where the system
+    can (Linux), so ``out`` always exists and readers see the old directory or the new one; else it
+    is moved aside first (``out`` is then missing for an instant) and removed after."""
     os.chmod(tmp, 0o755)  # mkdtemp made it 0700
+    if out.exists() and out.is_dir() and _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
+        return
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -200,3 +200,23 @@ def test_a_bundle_that_holds_a_pickle_is_refused(tiny_bundle, tmp_path):
         load_bundle(tampered("concepts.safetensors", payload), verify=False)  # refused even unverified
     with pytest.raises(BundleError, match="not a JSON, safetensors, ONNX or image file"):
         load_bundle(tampered("concepts.safetensors", payload, rename="concepts.pkl"))
+
+
+def test_publishing_over_a_bundle_swaps_in_one_step(tmp_path):
+    """An existing bundle directory is exchanged with the new one atomically (renameat2), so its
+    path never goes missing; the old contents are removed and nothing is left beside it."""
+    from conceptlens.service.bundle import _exchange, publish_dir
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "f").write_text("A")
+    (b / "f").write_text("B")
+    if not _exchange(a, b):
+        pytest.skip("this file system cannot exchange two paths atomically (the fallback renames twice)")
+    assert (a / "f").read_text() == "B" and (b / "f").read_text() == "A"
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "f").write_text("new")
+    publish_dir(new, b)
+    assert (b / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
