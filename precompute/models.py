@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +88,6 @@ class SplitModel:
     onnx_two_output: bytes | None = None
     onnx_head: bytes | None = None
     labels_given: bool = False  # class names came from --labels (not placeholders)
-    extra: dict = field(default_factory=dict)
 
     @property
     def linear_head(self) -> bool:
@@ -512,16 +511,16 @@ def load_timm(arch: str, weights: str | None, layer: str | None) -> SplitModel:
                        sha256_file(weights) if weights else "")
 
 
-def load_onnx_source(path: str, layer: str | None, pre: Preprocessing | None = None, source: str | None = None,
+def load_onnx_source(path: str, layer: str | None, over: "PreprocessingOverrides", source: str | None = None,
                      sha: str | None = None, proto=None) -> SplitModel:
-    """An ONNX classifier (image -> logits) cut at ``layer``; ``pre`` defaults from its input size."""
+    """An ONNX classifier (image -> logits) cut at ``layer``; preprocessing: ``over`` on top of the
+    defaults (crop = the graph's fixed input size, else 224; resize = crop / 0.875; ImageNet mean/std)."""
     from . import onnx_graph as og
 
-    model = proto if proto is not None else og.load_onnx(path)
+    model = proto if proto is not None else og.load_onnx(path)  # read once: defaults, cut and head
     fixed = og.input_size(model)
-    if pre is None:
-        crop = fixed or 224
-        pre = Preprocessing(int(math.floor(crop / 0.875)), crop, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    crop = fixed or 224
+    pre = over.apply(Preprocessing(int(math.floor(crop / 0.875)), crop, IMAGENET_MEAN, IMAGENET_STD, "bilinear"))
     if fixed and fixed != pre.crop:
         raise ModelError(f"{path} takes {fixed}x{fixed} images but the crop is {pre.crop}: set --crop {fixed}")
     tensor = og.find_layer(model, layer, crop=pre.crop)
@@ -562,17 +561,16 @@ def load_model(name: str, weights: str | None = None, layer: str | None = None, 
     elif kind == "timm":
         m = load_timm(rest, weights, layer)
     elif kind == "onnx":
-        m = load_onnx_source(rest, layer, over.apply(_onnx_default(rest)) if over.given else None)
-        over = PreprocessingOverrides()
+        m = load_onnx_source(rest, layer, over)
+        over = PreprocessingOverrides()  # applied at the cut: the feature shape follows the crop
     else:
         from .onnx_graph import torchscript_to_onnx
 
         if not Path(rest).is_file():
             raise ModelError(f"TorchScript file {rest} does not exist")
-        base = Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
-        pre = over.apply(base)
-        proto = torchscript_to_onnx(rest, pre.crop)
-        m = load_onnx_source(rest, layer, pre, source=f"torchscript:{rest}", sha=sha256_file(rest), proto=proto)
+        crop = over.crop or 224
+        proto = torchscript_to_onnx(rest, crop)
+        m = load_onnx_source(rest, layer, over, source=f"torchscript:{rest}", sha=sha256_file(rest), proto=proto)
         m.name = Path(rest).name
         over = PreprocessingOverrides()
     if over.given:
@@ -590,13 +588,6 @@ def load_model(name: str, weights: str | None = None, layer: str | None = None, 
              "x".join(map(str, m.feature_shape)), "linear" if m.linear_head else "non-linear", len(m.class_names),
              m.preprocessing.describe())
     return m
-
-
-def _onnx_default(path: str) -> Preprocessing:
-    from . import onnx_graph as og
-
-    crop = og.input_size(og.load_onnx(path)) or 224
-    return Preprocessing(int(math.floor(crop / 0.875)), crop, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
 def _remeasure(m: SplitModel, pre: Preprocessing) -> SplitModel:

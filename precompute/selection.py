@@ -79,9 +79,10 @@ def validation_split(data: "ClassData", seed: int) -> tuple[np.ndarray, np.ndarr
 
 def _score(pipe: "ClassPipeline", cls: int, basis: np.ndarray, feats: np.ndarray, method: str) -> dict:
     """Validation metrics of ``basis`` through the served projection."""
-    weights = pipe.model.head.concept_weights(basis, cls, anchor=None if pipe.hw is not None else feats.mean(axis=0))
+    anchor = None if pipe.hw is not None else feats.mean(axis=0)  # see service.head
+    weights = pipe.model.head.concept_weights(basis, cls, anchor=anchor)
     ex = single_class_explainer(pipe.model.class_names, cls, basis, weights, pipe.hw, pipe.hb, pipe.hfn, method,
-                                None if pipe.hw is not None else feats.mean(axis=0))
+                                anchor)
     return evaluate_class(ex, cls, feats, pipe.hw, pipe.hb, pipe.hfn)
 
 

@@ -150,11 +150,11 @@ class ModelRepository:
     """
 
     def __init__(self, config: ServerConfig, metrics: Metrics, root: Path | None = None,
-                 single: tuple[str, Path] | None = None, loader: Callable[[Path], ServingModel] | None = None,
-                 on_change: Callable[[str], None] | None = None):
+                 single: tuple[str, Path] | None = None, on_change: Callable[[str], None] | None = None,
+                 bundle=None, runtime=None):
         self.config, self.metrics = config, metrics
         self.root, self.single = (Path(root) if root else None), single
-        self._load_model = loader or self._default_loader
+        self._given = (bundle, runtime)  # a bundle and/or runtime handed in (tests) instead of loaded
         self.on_change = on_change or (lambda name: None)
         self._models: dict[str, _Model] = {}
         self._lock = threading.RLock()
@@ -203,10 +203,12 @@ class ModelRepository:
             pending, self._pending = self._pending, []
         concurrent.futures.wait(pending, timeout)
 
-    def _default_loader(self, path: Path) -> ServingModel:
+    def serving_model(self, path: Path, bundle=None, runtime=None) -> ServingModel:
+        """The bundle at ``path`` (or the one handed in) with its runtime (or the one handed in),
+        wired to the metrics and warmed: what the repository serves as a version."""
         cfg = self.config
-        bundle = load_bundle(path, verify=not cfg.no_verify)
-        runtime = create_runtime(
+        bundle = bundle or load_bundle(path, verify=not cfg.no_verify)
+        runtime = runtime or create_runtime(
             cfg.runtime, bundle.model_path, device=cfg.device, intra_op_threads=cfg.intra_op_threads,
             inter_op_threads=cfg.inter_op_threads, spin=cfg.ort_spin, torchserve_address=cfg.torchserve_address,
             torchserve_model=cfg.torchserve_model, torchserve_token_file=cfg.torchserve_token_file,
@@ -226,7 +228,7 @@ class ModelRepository:
             return
         t = time.perf_counter()
         try:
-            model = self._load_model(entry.path)
+            model = self.serving_model(entry.path, *self._given)
             model.model_info.model, model.model_info.version = name, version
             loaded = ModelVersion(name, version, entry.path, model, self.config, self.metrics)
         except Exception as e:  # a broken version: refused, logged, counted; the older ones keep serving

@@ -49,7 +49,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..v1 import explain_service_pb2 as pb
 from .batcher import BatchQueue, QueueFullError, Ticket
-from .bundle import Bundle, BundleError, load_bundle
+from .bundle import Bundle, BundleError
 from .cache import cache_key, make_cache
 from .config import ServerConfig
 from .errors import InvalidInputError, ModelNotFoundError, UnavailableError
@@ -58,7 +58,7 @@ from .interceptors import AuthInterceptor, ErrorInterceptor
 from .metrics import Metrics
 from .preprocess import ImageError
 from .repository import ModelRepository, ModelVersion
-from .runtime import Runtime, create_runtime, single_threaded_blas
+from .runtime import Runtime, single_threaded_blas
 from .serving_model import Plan, ServingModel
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,13 @@ class ExplainServer:
         self._admitted_lock = threading.Lock()  # decremented in the request's thread
         self._admission_limit = config.max_queue_size + batching
         self.metrics.inflight.set_function(lambda: self._admitted)
-        loader = _given_loader(config, bundle, runtime) if bundle is not None or runtime is not None else None
         if config.repository:
             root, single = Path(config.repository), None
         else:
             path = Path(config.bundle) if config.bundle else Path(".")
             root, single = None, (config.model_name or path.resolve().name or "model", path)
-        self.repository = ModelRepository(config, self.metrics, root=root, single=single, loader=loader,
-                                          on_change=self._models_changed)
+        self.repository = ModelRepository(config, self.metrics, root=root, single=single,
+                                          on_change=self._models_changed, bundle=bundle, runtime=runtime)
 
     # --- lifecycle ---
     async def start(self) -> int:
@@ -407,18 +406,6 @@ class ExplainServer:
         return body, pb.Timings(decode_seconds=t_decode, queue_seconds=batch.queue_seconds,
                                 inference_seconds=batch.predict_seconds, explain_seconds=t_explain,
                                 encode_seconds=t_encode, batch_size=batch.size)
-
-
-def _given_loader(config: ServerConfig, bundle: Bundle | None, runtime: Runtime | None):
-    """A repository loader that serves the bundle and/or runtime handed in (tests)."""
-    def load(path: Path) -> ServingModel:
-        b = bundle or load_bundle(path, verify=not config.no_verify)
-        rt = runtime or create_runtime(config.runtime, b.model_path, device=config.device)
-        m = ServingModel(b, rt, config)
-        if not config.no_warmup:
-            m.warmup(min(config.max_batch_size, rt.max_batch_size or config.max_batch_size))
-        return m
-    return load
 
 
 async def _reload_logged(server: ExplainServer) -> None:
