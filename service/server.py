@@ -364,7 +364,7 @@ class ExplainServer:
             if job.cancelled():  # it never started: nothing in it will release its place
                 self._release()
             raise
-        body += pb.ExplainResponse(model=mv.name, version=mv.version).SerializeToString()
+        body += mv.answer_identity
         if key is not None:
             self.cache.put(key, body)
         timings.cache_seconds = t_cache
