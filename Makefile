@@ -41,6 +41,20 @@ test-fast: $(STAMP) proto
 bench: $(STAMP) proto
 	$(PY) bench/bench_nmf.py
 
+# Known vulnerabilities of the packages in $(VENV) (pip-audit, run from a tools venv of its own so the
+# project's dependency set stays as it is; deploy/audit_deps.py says what passes and what fails, and
+# deploy/pip-audit-ignores.txt holds the documented exceptions).
+TOOLS       := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+$(TOOLS_STAMP): deploy/tools-requirements.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q -r deploy/tools-requirements.txt
+	touch $(TOOLS_STAMP)
+
+.PHONY: audit
+audit: $(STAMP) $(TOOLS_STAMP)
+	$(TOOLS)/bin/python deploy/audit_deps.py --python $(PY)
+
 lint-proto:
 	npx --yes @bufbuild/buf lint
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +20,10 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "conceptlens-dashboard.json"
 WORKLOADS = ("Deployment", "Job", "StatefulSet", "DaemonSet")
+# Tools outside the project's venv (deploy/tools-requirements.txt; `make audit` and .ci/run install them).
+TOOLS_VENV = Path(os.environ.get("TOOLS_VENV", ROOT / ".venv-tools"))
+KUBECTL = os.environ.get("KUBECTL") or (str(TOOLS_VENV / "bin" / "kubectl") if (TOOLS_VENV / "bin" / "kubectl").is_file()
+                                         else shutil.which("kubectl"))
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -333,12 +338,12 @@ def test_precompute_jobs_are_indexed_resumable_and_consistent():
         assert vol["persistentVolumeClaim"]["claimName"] == "conceptlens-work"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for its built-in kustomize) is not installed")
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl (for its built-in kustomize) is not installed: make audit")
 def test_kustomize_renders_base_precompute_and_every_component(tmp_path):
     """`kubectl kustomize` (offline) renders each stack; with all components on, the server's merged
     command line and environment still make a valid ServerConfig."""
     def render(path: Path) -> list[dict]:
-        run = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+        run = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
         return [d for d in yaml.safe_load_all(run.stdout) if d]
 
@@ -499,3 +504,172 @@ def test_dockerfile_copies_exist_and_pass_the_dockerignore():
             for src in sources:
                 assert (ROOT / src).exists(), src
                 assert src.rstrip("/") in allowed, f"{src} is excluded by Dockerfile.dockerignore"
+
+
+# ---- offline validation: schemas, checkov, pip-audit (deploy/check_manifests.*, deploy/audit_deps.py) --
+STACKS = ("k8s", "overlays/all-components", "k8s/precompute")  # what deploy/check_manifests.sh renders
+TOOLS_PY = TOOLS_VENV / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def validator() -> list[str]:
+    """The command that runs deploy/check_manifests.py (in the tools venv: kubernetes-validate)."""
+    if not TOOLS_PY.is_file() or subprocess.run([str(TOOLS_PY), "-c", "import kubernetes_validate"],
+                                                 capture_output=True).returncode != 0:
+        pytest.skip(f"kubernetes-validate is not installed in {TOOLS_VENV} (make audit installs it)")
+    return [str(TOOLS_PY), str(DEPLOY / "check_manifests.py")]
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl (for its built-in kustomize) is not installed: make audit")
+def test_rendered_manifests_validate_against_the_kubernetes_schemas(tmp_path, validator):
+    """Each stack, rendered by `kubectl kustomize` (the base, every component on, the precompute Jobs), is
+    valid for Kubernetes 1.30 and 1.37 (strict: no unknown fields), the ServiceMonitor for its CRD."""
+    files = []
+    for stack in STACKS:
+        run = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / stack)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, f"deploy/{stack}: {run.stderr}"
+        files.append(tmp_path / (stack.replace("/", "-") + ".yaml"))
+        files[-1].write_text(run.stdout)
+    run = subprocess.run(validator + [str(f) for f in files], capture_output=True, text=True, timeout=300)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0, "\n".join(x for x in lines if not x.startswith("ok ")) + run.stderr
+    kinds = {x.split()[2].split("/")[0] for x in lines if x.startswith("ok ")}
+    assert {"Deployment", "Job", "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor"} <= kinds
+    assert any("ServiceMonitor/conceptlens: servicemonitor.schema.json" in x for x in lines)
+    n = sum(1 for x in lines if x.startswith("ok "))
+    assert lines[-1] == f"kubernetes-validate: {n} documents, {n} valid, 0 invalid (Kubernetes 1.30, 1.37; strict)"
+
+
+def test_manifest_validator_rejects_bad_and_unknown_documents(tmp_path, validator):
+    """Wrong types, unknown fields, a kind without a schema, a bad ServiceMonitor, a missing namespace and an
+    unmapped image all fail: nothing passes by being unknown."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("""
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: typo}
+spec:
+  replicas: "two"
+  selector: {matchLabels: {a: b}}
+  template:
+    metadata: {labels: {a: b}}
+    spec:
+      containers: [{name: c, image: conceptlens-cuda, securityContext: {runAsNonroot: true}}]
+---
+apiVersion: example.com/v1
+kind: Widget
+metadata: {name: w, namespace: n}
+---
+apiVersion: monitoring.coreos.com/v1
+kind: ServiceMonitor
+metadata: {name: s, namespace: n}
+spec:
+  selector: {matchLabels: {a: b}}
+  endpoints: [{port: metrics, interval: 15 seconds}]
+""")
+    run = subprocess.run(validator + ["-k", "1.30", str(bad)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    out = run.stdout
+    for wanted in ("spec.replicas: 'two' is not of type", "'runAsNonroot' was unexpected", "no schema for example.com/v1 Widget",
+                   "spec.endpoints.0.interval: '15 seconds' does not match", "no metadata.namespace",
+                   "image 'conceptlens-cuda' has no tag or digest"):
+        assert wanted in out, (wanted, out)
+    assert out.splitlines()[-1].startswith("kubernetes-validate: 3 documents, 0 valid, 3 invalid")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / ".venv-checkov" / "bin" / "checkov").is_file(),
+                    reason="checkov is not installed (deploy/check_manifests.sh --install; CI does not: ~300 MB)")
+def test_checkov_finds_nothing_undocumented_in_the_manifests(tmp_path, validator):
+    """checkov over every rendered stack: each failed check is fixed or skipped with its reason where it
+    applies (checkov.io/skipN annotations). The Dockerfile's scan is deploy/check_manifests.sh's."""
+    env = {**os.environ, "CHECKOV_FRAMEWORKS": "kubernetes", "TOOLS_VENV": str(TOOLS_VENV)}
+    if KUBECTL:
+        env["KUBECTL"] = KUBECTL
+    run = subprocess.run(["bash", str(DEPLOY / "check_manifests.sh"), "--out", str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=540)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"checkov +kubernetes: \d+ passed, 0 failed, \d+ skipped", run.stdout), run.stdout
+    report = json.loads((tmp_path / "checkov" / "kubernetes.json").read_text())
+    for check in report["results"]["skipped_checks"]:
+        assert len(check["check_result"].get("suppress_comment") or "") > 20, check["check_id"]  # a real reason
+
+
+FAKE_PIP_AUDIT = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+ignored = {{args[i + 1] for i, a in enumerate(args) if a == "--ignore-vuln"}}
+if os.environ.get("FAKE_CRASH"):
+    sys.exit("requests.exceptions.ConnectionError: Max retries exceeded (Failed to resolve 'pypi.org')")
+report = json.loads(os.environ["FAKE_REPORT"])
+for dep in report["dependencies"]:
+    dep["vulns"] = [v for v in dep.get("vulns", []) if v["id"] not in ignored]
+open(args[args.index("--output") + 1], "w").write(json.dumps(report))
+sys.exit(1 if any(d.get("vulns") for d in report["dependencies"]) else 0)
+"""
+
+
+def test_audit_fails_on_undocumented_vulnerabilities_and_never_passes_silently(tmp_path):
+    fake = tmp_path / "pip-audit"
+    fake.write_text(FAKE_PIP_AUDIT.format(python=sys.executable))
+    fake.chmod(0o755)
+    ignores = tmp_path / "ignores.txt"
+    ignores.write_text("# none\n")
+    vuln = {"id": "GHSA-aaaa-bbbb-cccc", "fix_versions": ["2.0"], "aliases": ["CVE-2099-1"]}
+    cases = {
+        "clean": [{"name": "a", "version": "1.0", "vulns": []}, {"name": "conceptlens", "skip_reason": "distribution marked as editable"}],
+        "vulnerable": [{"name": "a", "version": "1.0", "vulns": [vuln]}],
+        "unanswered": [{"name": "a", "skip_reason": "Dependency not found on PyPI and could not be audited: a (1.0)"}],
+    }
+
+    def audit(case: str | None, *extra: str, crash: bool = False):
+        env = {**os.environ, "FAKE_REPORT": json.dumps({"dependencies": cases.get(case, []), "fixes": []})}
+        env.pop("AUDIT_STRICT", None)
+        if crash:
+            env["FAKE_CRASH"] = "1"
+        return subprocess.run([sys.executable, str(DEPLOY / "audit_deps.py"), "--pip-audit", str(fake),
+                               "--ignores", str(ignores), "--python", sys.executable, *extra],
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    run = audit("clean")
+    assert run.returncode == 0 and "1 packages, 1 audited, 0 known vulnerabilities" in run.stdout, run.stdout
+    run = audit("vulnerable")
+    assert run.returncode == 1 and "GHSA-aaaa-bbbb-cccc" in run.stdout and "FAILED" in run.stdout, run.stdout
+    run = audit("unanswered")
+    assert run.returncode == 0 and "NOT AUDITED: 1 of 1 packages" in run.stdout, run.stdout
+    assert audit("unanswered", "--strict").returncode == 3
+    run = audit(None, crash=True)
+    assert run.returncode == 0 and "PIP-AUDIT DID NOT RUN" in run.stdout and "unreachable" in run.stdout, run.stdout
+    assert audit(None, "--strict", crash=True).returncode == 3
+    ignores.write_text("GHSA-aaaa-bbbb-cccc  a 1.0: only in a code path conceptlens never calls\n")
+    run = audit("vulnerable")
+    assert run.returncode == 0 and "ignored GHSA-aaaa-bbbb-cccc" in run.stdout, run.stdout
+    ignores.write_text("GHSA-aaaa-bbbb-cccc\n")  # an exception without its reason
+    assert audit("vulnerable").returncode == 2
+
+
+def test_every_workload_runs_hardened():
+    """What checkov checks, guarded without it (CI does not install checkov): non-root with the runtime's
+    seccomp profile, no service-account token, no privilege escalation, no capabilities, a read-only root
+    filesystem, a pinned pull policy and memory limits, in every pod of deploy/k8s."""
+    workloads = [(p, d) for p, d in DOCS if d["kind"] in WORKLOADS and "components" not in p.parts]
+    assert len(workloads) >= 5
+    for path, doc in workloads:
+        pod = doc["spec"]["template"]["spec"]
+        where = f"{path.relative_to(DEPLOY)} {doc['metadata']['name']}"
+        assert pod["automountServiceAccountToken"] is False, where
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["runAsUser"] >= 10000, where
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), where
+            assert c["imagePullPolicy"] == "Always" and c["resources"]["limits"]["memory"], where
+            writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+            if "conceptlens" in c["image"]:  # Python: tempfile needs a writable /tmp
+                assert "/tmp" in writable, f"{where}: a read-only root needs a writable /tmp"
+        skips = [v for k, v in doc["metadata"].get("annotations", {}).items() if k.startswith("checkov.io/skip")]
+        for skip in skips:  # checkov splits `ID=reason` on every '=': one only
+            check, reason = skip.split("=")
+            assert re.fullmatch(r"CKV2?_K8S_\d+", check) and len(reason) > 40, (where, skip)
