@@ -55,6 +55,8 @@ class Head:
         k, c = basis.shape
         if anchor is None:
             raise ValueError("finite-difference weights of a non-linear head need the class's anchor activations")
+        if k == 0:  # an empty bank: no probes to run (a batch of 0 cannot be reshaped back)
+            return np.zeros(0, np.float32)
         a = np.asarray(anchor, np.float32)
         a = a[None] if a.ndim == 3 else a
         steps = (eps * np.asarray(basis, np.float32))[:, :, None, None]  # (k, C, 1, 1)
