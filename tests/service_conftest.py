@@ -204,7 +204,12 @@ class ServerThread:
 
 
 def assert_identity(resp) -> None:
-    """Every explanation of an ExplainResponse adds up: sum of contributions + residual + bias = logit."""
+    """Every explanation of an ExplainResponse adds up: sum of contributions + residual + bias = logit.
+
+    A check of the answer's own numbers against each other: for a linear head it also says that the
+    served logit is W . GAP(A) + b, but for a non-linear head, and for a class without concepts,
+    the residual (or the bias) is what makes it add up, so it holds by construction. Tests check the
+    logits against the model's own where they have it (tests/test_explain_core.py: the split too)."""
     from conceptlens.service.client import identity_gap
 
     for x in resp.explanations:

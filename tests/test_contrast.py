@@ -9,7 +9,6 @@ keeps them; and through the real gRPC server a pair that was not precomputed is 
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -192,27 +191,54 @@ def test_store_remembers_a_pair_it_cannot_compute_and_ignores_bad_samples(contra
     assert store.get(7, 1) is None and store.compute_count == 2
 
 
+class _CountingInflight(dict):
+    """The store's in-flight table, counting the callers that found a computation under way."""
+
+    def __init__(self):
+        super().__init__()
+        self.joined = 0
+        self.changed = threading.Condition()
+
+    def get(self, key, default=None):
+        found = super().get(key, default)
+        if found is not None:
+            with self.changed:
+                self.joined += 1
+                self.changed.notify_all()
+        return found
+
+
 def test_store_computes_once_under_concurrent_requests(contrast_bundle):
+    """8 callers of one missing pair: the first computes it, held until the 7 others have found its
+    computation under way (events, no sleep: they all really overlap it), then all get its result."""
     store = ContrastStore(load_bundle(contrast_bundle))
     compute = store._compute
+    started, release = threading.Event(), threading.Event()
+    inflight = store._inflight = _CountingInflight()
 
-    def slow(a, b):  # keep the first computation running while the others arrive
-        time.sleep(0.2)
+    def held(a, b):  # the first computation waits until the test lets it go
+        started.set()
+        assert release.wait(30)
         return compute(a, b)
-    store._compute = slow
-    barrier = threading.Barrier(8)
+    store._compute = held
     results = [None] * 8
 
     def worker(i):
-        barrier.wait()
         results[i] = store.get(3, 1)
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
+    threads[0].start()
+    assert started.wait(30)  # the first caller is computing
+    for t in threads[1:]:
         t.start()
+    with inflight.changed:  # the 7 others are waiting for that computation, not computing their own
+        assert inflight.changed.wait_for(lambda: inflight.joined == 7, timeout=30), inflight.joined
+    assert store.compute_count == 0 and all(r is None for r in results)
+    release.set()
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads)
     assert results[0] is not None and all(r is results[0] for r in results)
-    assert store.compute_count == 1
+    assert store.compute_count == 1 and store.cached_pairs() == [(3, 1)]
 
 
 def test_store_lru_is_bounded(contrast_bundle):

@@ -19,7 +19,7 @@ from conceptlens.precompute.fit import fit_learner
 from conceptlens.precompute.learners.directions import DirectionPairs
 from conceptlens.service.bundle import BundleError, load_bundle
 from conceptlens.service.explain import Explainer
-from conceptlens.service.head import Head
+from conceptlens.service.head import FD_EPS, Head
 from conceptlens.service.nnls import NNLSProjector
 from conceptlens.service.projection import LinearProjector
 
@@ -151,8 +151,9 @@ CLS = 1
 
 
 def check_explanation(ex: Explainer, f: np.ndarray, logits: np.ndarray, enc: np.ndarray, dec: np.ndarray,
-                      head=None, contrast: int | None = None) -> None:
-    """The explanation of CLS for one map ``f`` against an independent computation."""
+                      head=None, contrast: int | None = None, anchor: np.ndarray | None = None) -> None:
+    """The explanation of CLS for one map ``f`` against an independent computation (a non-linear
+    head's weights against our own central difference at ``anchor``, when given)."""
     v = pixels(f)
     codes = np.maximum(v @ dec.astype(np.float64).T, 0)  # the latent factors, clipped at 0
     presence = codes.mean(axis=0)
@@ -180,9 +181,20 @@ def check_explanation(ex: Explainer, f: np.ndarray, logits: np.ndarray, enc: np.
         assert out.bias == pytest.approx(bias, rel=1e-6, abs=1e-6)
     else:
         recon = (codes @ enc.astype(np.float64)).T.reshape(1, C, H, W_).astype(np.float32)
-        rl = head(recon)[0]
-        sel = rl[CLS] - (rl[contrast] if contrast is not None else 0)
-        assert out.residual == pytest.approx(out.target - float(sel), rel=1e-4, abs=1e-4)
+
+        def sel(z):
+            return float(z[CLS] - (z[contrast] if contrast is not None else 0))
+        at_recon = sel(head(recon)[0])
+        # the identity holds by construction here (the bias is what remains): the parts are checked
+        assert out.residual == pytest.approx(sel(logits) - at_recon, rel=1e-4, abs=1e-4)
+        weights = np.array([by_id[j].weight for j in range(len(enc))], np.float64)
+        assert out.bias == pytest.approx(at_recon - float(presence @ weights), rel=1e-4, abs=1e-4)
+        if anchor is not None:  # d target / d presence_k at the anchor, by a step 3x the code's (ReLU head)
+            step = 3 * FD_EPS
+            own = np.array([(sel(head(anchor[None] + step * e[:, None, None])[0])
+                             - sel(head(anchor[None] - step * e[:, None, None])[0])) / (2 * step)
+                            for e in enc.astype(np.float32)])
+            np.testing.assert_allclose(weights, own, rtol=0, atol=0.05 * float(np.abs(own).max()))
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +240,8 @@ def test_served_nonlinear_head(fitted_maps):
     assert isinstance(ex.projector(CLS), LinearProjector)
     logits = head(feats)
     for f, lg in zip(feats[:4], logits[:4]):
-        check_explanation(ex, f, lg, enc, dec, head=head)
-        check_explanation(ex, f, lg, enc, dec, head=head, contrast=0)
+        check_explanation(ex, f, lg, enc, dec, head=head, anchor=anchor)
+        check_explanation(ex, f, lg, enc, dec, head=head, contrast=0, anchor=anchor)
     assert evaluate_class(ex, CLS, feats, None, None, head)["identity_max_error"] < 1e-3
 
 

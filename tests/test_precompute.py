@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.optimize import nnls
 
 from conftest import IMAGENET, cifar_test_jpegs, require_data, write_subset_shard
 
 from conceptlens.service.bundle import BundleError, load_bundle
 from conceptlens.service.explain import Explainer
+from conceptlens.service.head import FD_EPS
 from conceptlens.service.preprocess import preprocess_bytes
 from conceptlens.service.runtime import open_session
 
@@ -210,13 +212,35 @@ def test_torchvision_model_with_weights_file_and_non_linear_head(tmp_path):
     assert bundle.head_kind == "generic" and bundle.feature_shape == (256, 14, 14)
     assert len(bundle.class_names) == 10
     head = open_session(out / "head.onnx", ["CPUExecutionProvider"])
-    explainer = Explainer(bundle, head=lambda a: head.run(["logits"], {"features": a})[0])
+
+    def h(a: np.ndarray) -> np.ndarray:
+        return head.run(["logits"], {"features": np.ascontiguousarray(a, np.float32)})[0]
+    explainer = Explainer(bundle, head=h)
     session = open_session(bundle.model_path, ["CPUExecutionProvider"])
     x = np.stack([preprocess_bytes(b, bundle.preprocessing)[0] for b in
                   [p.read_bytes() for p in sorted(IMAGENET.glob("*.jpg"))[:4]]])
     feats, logits = session.run(["features", "logits"], {"image": x})
+    # head.onnx is the model's own tail: on the model's features it gives the model's logits
+    np.testing.assert_allclose(h(feats), logits, rtol=1e-4, atol=1e-4 * float(np.abs(logits).max()))
+    for cid, cc in bundle.classes.items():
+        # the stored weights are the head's slope along each concept at the class's anchor: our own
+        # central difference, with a step 3x precompute's (the head is piecewise linear: ReLUs)
+        anchor = bundle.tensors[f"anchor/{cid}"][None]
+        step = 3 * FD_EPS
+        own = np.array([(h(anchor + step * p[:, None, None])[0, cid] - h(anchor - step * p[:, None, None])[0, cid])
+                        / (2 * step) for p in cc.basis.astype(np.float32)])
+        np.testing.assert_allclose(cc.weights, own, rtol=0, atol=0.05 * float(np.abs(own).max()))
     for f, l in zip(feats, logits):
-        for cid in bundle.classes:
+        v = f.reshape(f.shape[0], -1).T.astype(np.float64)  # (HW, C)
+        for cid, cc in bundle.classes.items():
             e = explainer.explain(f, l, cid)
-            assert e.identity_error < 1e-4 * max(1.0, abs(e.target))
+            assert e.identity_error < 1e-4 * max(1.0, abs(e.target))  # by construction for this head; and:
             assert np.isfinite([c.weight for c in e.concepts]).all()
+            # the split against the head run here on scipy's NNLS reconstruction S P
+            s = np.array([nnls(cc.basis.T.astype(np.float64), row)[0] for row in v])
+            at_recon = float(h((s @ cc.basis.astype(np.float64)).T.reshape(1, *f.shape))[0, cid])
+            presence = s.mean(axis=0)
+            scale = abs(float(l[cid])) + float(np.abs(presence * cc.weights).sum()) + abs(at_recon)
+            assert e.target == pytest.approx(float(l[cid]))
+            assert abs(e.residual - (float(l[cid]) - at_recon)) <= 1e-4 * max(1.0, scale), (e.residual, l[cid], at_recon)
+            assert abs(e.bias - (at_recon - float(presence @ cc.weights))) <= 1e-4 * max(1.0, scale)

@@ -58,6 +58,22 @@ def local(tiny_bundle):
     return explain
 
 
+@pytest.fixture(scope="module")
+def own_logits(tiny_bundle):
+    """image -> (W . GAP(A) + b (K,), GAP(A) (C,)), float64, from the model's features and the bundle's
+    head computed here: the logits every answer must carry, independently of the explain code."""
+    bundle = load_bundle(tiny_bundle)
+    runtime = OnnxRuntime(bundle.model_path, device="cpu")
+    w, b = bundle.head_weight.astype(np.float64), bundle.head_bias.astype(np.float64)
+
+    def logits(image: bytes):
+        x, _ = preprocess_bytes(image, bundle.preprocessing)
+        f, _ = runtime.run(x[None])
+        gap = f[0].astype(np.float64).mean(axis=(1, 2))
+        return w @ gap + b, gap
+    return logits
+
+
 def code_of(call) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as e:
         call()
@@ -74,13 +90,15 @@ def test_health_and_model_info(client, tiny_bundle):
     assert info.runtime == "onnxruntime" and info.head_kind == "linear" and info.crop == 224
 
 
-def test_explain_matches_the_core_and_the_identity_holds(client, local):
+def test_explain_matches_the_core_and_the_identity_holds(client, local, own_logits):
     resp = client.explain(IMAGE, classes=[3, "thing5"], heatmaps="raw")
     assert [x.class_id for x in resp.explanations] == [3, 5]
     assert_identity(resp)
+    own, _ = own_logits(IMAGE)
     for x in resp.explanations:
         want, logits = local(IMAGE, x.class_id)
         assert x.logit == pytest.approx(float(logits[x.class_id]), abs=1e-4)
+        assert x.logit == pytest.approx(float(own[x.class_id]), rel=1e-4, abs=1e-4)
         assert x.bias == pytest.approx(want.bias, abs=1e-6)
         assert x.residual == pytest.approx(want.residual, abs=1e-4)
         assert [c.concept_id for c in x.concepts] == [c.concept for c in want.concepts]
@@ -90,7 +108,10 @@ def test_explain_matches_the_core_and_the_identity_holds(client, local):
             grid = heatmap_array(got.heatmap)
             assert grid.shape == (7, 7)
             np.testing.assert_allclose(grid, exp.heatmap, atol=got.heatmap.scale * 0.51 + 1e-6)
-    assert resp.predictions[0].probability >= resp.predictions[-1].probability
+    assert [p.class_id for p in resp.predictions] == list(np.argsort(-own, kind="stable")[:5])
+    probs = np.exp(own - own.max()) / np.exp(own - own.max()).sum()
+    np.testing.assert_allclose([p.probability for p in resp.predictions], probs[[p.class_id for p in resp.predictions]],
+                               rtol=1e-3)
     assert len(resp.predictions) == 5 and resp.bundle_id
     t = resp.timings
     assert t.batch_size >= 1 and t.total_seconds > 0 and not resp.cache_hit
@@ -99,21 +120,37 @@ def test_explain_matches_the_core_and_the_identity_holds(client, local):
     assert (crop.x0, crop.y0, crop.x1, crop.y1) == (54, 15, 265, 225)
 
 
-def test_default_is_top_1_and_top_k_0_is_predictions_only(client):
+def test_default_is_top_1_and_top_k_0_is_predictions_only(client, own_logits):
+    own, _ = own_logits(jpeg_bytes(11))
+    top1 = int(np.argmax(own))  # the argmax of the logits computed here, not the answer's own ranking
     one = client.explain(jpeg_bytes(11))
-    assert len(one.explanations) == 1 and one.explanations[0].class_id == one.predictions[0].class_id
+    assert len(one.explanations) == 1 and one.explanations[0].class_id == one.predictions[0].class_id == top1
+    assert one.explanations[0].logit == pytest.approx(float(own[top1]), rel=1e-4, abs=1e-4)
     assert_identity(one)
+    alone = client.explain(jpeg_bytes(11), num_predictions=0)  # the top class found without a ranking
+    assert len(alone.predictions) == 0 and [x.class_id for x in alone.explanations] == [top1]
     plain = client.explain(jpeg_bytes(11), top_k=0, num_predictions=3)
-    assert len(plain.explanations) == 0 and len(plain.predictions) == 3
+    assert len(plain.explanations) == 0
+    assert [p.class_id for p in plain.predictions] == list(np.argsort(-own, kind="stable")[:3])
 
 
-def test_top_k_class_without_concepts_is_all_residual(client):
+def test_top_k_class_without_concepts_is_all_residual(client, own_logits, tiny_bundle):
+    """A class without concepts answers its logit W[y] . GAP(A) + b[y] as residual W[y] . GAP(A) plus
+    bias b[y], both computed here (the identity alone holds for it by construction)."""
     resp = client.explain(IMAGE, top_k=10)
     assert len(resp.explanations) == 10
     assert_identity(resp)
+    own, gap = own_logits(IMAGE)
+    bundle = load_bundle(tiny_bundle)
+    assert [x.class_id for x in resp.explanations] == list(np.argsort(-own, kind="stable"))
     lonely = [x for x in resp.explanations if x.class_id in (8, 9)]
     assert len(lonely) == 2
     assert all("no_concepts" in x.flags and not x.concepts and x.relative_residual == 1.0 for x in lonely)
+    for x in lonely:
+        assert x.logit == pytest.approx(float(own[x.class_id]), rel=1e-4, abs=1e-4)
+        assert x.bias == pytest.approx(float(bundle.head_bias[x.class_id]), abs=1e-6)
+        assert x.residual == pytest.approx(float(bundle.head_weight[x.class_id].astype(np.float64) @ gap),
+                                           rel=1e-4, abs=1e-4)
 
 
 def test_contrast_max_concepts_flags_and_prototypes(client, local, tiny_bundle):
@@ -163,6 +200,9 @@ def test_cmyk_and_16_bit_images_are_explained(client):
 
 
 def test_bad_inputs_get_the_right_codes_and_the_server_keeps_serving(client, server):
+    def counted(code: str) -> float:
+        return metric_value(server.metrics_text(), "conceptlens_requests_total", method="Explain", code=code)
+    before = {code: counted(code) for code in ("INVALID_ARGUMENT", "NOT_FOUND")}
     for name, data in bad_inputs(IMAGE).items():
         assert code_of(lambda: client.explain(data)) == grpc.StatusCode.INVALID_ARGUMENT, name
     big = Image.new("L", (8000, 6000))  # declared 48 MP > the 40 MP limit (never decoded)
@@ -191,9 +231,9 @@ def test_bad_inputs_get_the_right_codes_and_the_server_keeps_serving(client, ser
     assert code_of(lambda: client.stub.Explain(bad_enum, timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
     assert client.health() == "SERVING"
     assert_identity(client.explain(IMAGE, top_k=3))
-    text = server.metrics_text()
-    assert metric_value(text, "conceptlens_requests_total", method="Explain", code="INVALID_ARGUMENT") >= 8
-    assert metric_value(text, "conceptlens_requests_total", method="Explain", code="NOT_FOUND") >= 4
+    # each refusal counted once under its code: 6 bad images, the 48 MP PNG, 3 bad options, the bad enum
+    assert counted("INVALID_ARGUMENT") == before["INVALID_ARGUMENT"] + len(bad_inputs(IMAGE)) + 5
+    assert counted("NOT_FOUND") == before["NOT_FOUND"] + 4
 
 
 def test_same_image_twice_hits_the_cache(client, server):
