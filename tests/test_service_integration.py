@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+from html import escape
 import signal
 import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from conftest import cifar_test_jpegs
 from PIL import Image
 from service_conftest import RedisProcess, assert_identity, bad_inputs, png16_bytes
 
 from conceptlens.service import cli
+from conceptlens.service.bundle import load_bundle
 from conceptlens.service.client import ExplainClient
 from conceptlens.service.metrics import metric_value
+from conceptlens.service.preprocess import preprocess_bytes
+from conceptlens.service.runtime import open_session
 from conceptlens.service.serve_process import ServeProcess
 from conceptlens.v1 import explain_service_pb2 as pb
 
@@ -73,10 +78,24 @@ def test_identity_holds_in_every_answer(client, images, cifar_bundle):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # concurrent: the batcher forms batches
         answers = list(pool.map(lambda im: client.explain(im, top_k=3, heatmaps="raw", prototypes=1,
                                                           prototype_jpeg=True), images))
+    # the model at hand: its own logits on the same images, and its head W . GAP(A) + b computed here
+    bundle = load_bundle(cifar_bundle)
+    x = np.stack([preprocess_bytes(im, bundle.preprocessing)[0] for im in images])
+    feats, own = open_session(bundle.model_path, ["CPUExecutionProvider"]).run(["features", "logits"], {"image": x})
+    gaps = feats.astype(np.float64).mean(axis=(2, 3))
+    w, b = bundle.head_weight.astype(np.float64), bundle.head_bias.astype(np.float64)
+    np.testing.assert_allclose(own, gaps @ w.T + b, rtol=1e-4, atol=1e-4 * float(np.abs(own).max()))
     explained = 0
-    for resp in answers:
+    for resp, lg, gap in zip(answers, own.astype(np.float64), gaps):
         assert resp.bundle_id == info.bundle_id and len(resp.explanations) == 3 and len(resp.predictions) == 5
         assert_identity(resp)
+        tol = 1e-4 * max(1.0, float(np.abs(lg).max()))
+        assert lg[resp.predictions[0].class_id] >= lg.max() - tol  # top-1 is the model's argmax
+        for x in resp.explanations:
+            assert abs(x.logit - lg[x.class_id]) <= tol, (x.class_id, x.logit, lg[x.class_id])
+            if "no_concepts" in x.flags:  # all residual, with the bias: both from the head computed here
+                assert x.bias == pytest.approx(b[x.class_id], abs=1e-6)
+                assert abs(x.residual - w[x.class_id] @ gap) <= tol
         for x in resp.explanations:
             if x.concepts:
                 explained += 1
@@ -183,14 +202,25 @@ def test_explain_cli_against_the_real_server(served, images, tmp_path, capsys):
     assert cli.main(["explain", "--server", served.target, str(image), "--top-k", "2", "--html", str(page)]) == 0
     out = capsys.readouterr().out
     assert "contribution" in out and "(residual)" in out
-    assert "data:image/png;base64," in page.read_text() or "no concepts" in page.read_text()
+    with ExplainClient(served.target) as c:  # what the page shows, class by class
+        shown = c.explain(images[3], top_k=2).explanations
+    html = page.read_text()
+    for x in shown:
+        assert escape(x.class_name) in html
+    assert ("data:image/png;base64," in html) == any(x.concepts for x in shown)  # heatmaps of explained classes
+    assert ("no concepts" in html) == any(not x.concepts for x in shown)
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(served, images):
-    """Last in this module: stops the shared server."""
+    """Last in this module: stops the shared server. SIGTERM goes once the server reports requests in
+    flight (its own gauge, polled: no fixed sleep); every request it had admitted then is answered."""
     with ExplainClient(served.target) as c:
-        futures = [c.stub.Explain.future(pb.ExplainRequest(image=im), timeout=60) for im in images[:8]]
-        time.sleep(0.05)
+        # images and options not asked before: no cached answer cuts a request short
+        futures = [c.stub.Explain.future(pb.ExplainRequest(image=im), timeout=60) for im in images[8:24]]
+        deadline = time.monotonic() + 30
+        while (in_flight := metric_value(served.metrics(), "conceptlens_inflight_requests")) < 1:
+            assert time.monotonic() < deadline and not all(f.done() for f in futures), "no request seen in flight"
+            time.sleep(0.005)
         served.proc.send_signal(signal.SIGTERM)
         outcomes = []
         for f in futures:
@@ -200,5 +230,5 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(served, images):
                 assert e.code() == grpc.StatusCode.UNAVAILABLE
                 outcomes.append(None)
         assert served.proc.wait(60) == 0
-    assert any(o is True for o in outcomes)
+    assert sum(o is True for o in outcomes) >= in_flight  # those in flight at SIGTERM were finished
     assert "stopped" in served.log_path.read_text()
