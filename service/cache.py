@@ -91,6 +91,10 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    def held_bytes(self) -> int:
+        """Bytes of the values held (what the cache adds to the process's memory, less overheads)."""
+        return self._bytes
+
     async def get(self, key: str) -> bytes | None:
         entry = self._data.get(key)
         if entry is not None and entry[0] <= self._clock():

@@ -62,6 +62,10 @@ class Metrics:
         self.inflight = Gauge("conceptlens_inflight_requests", "Explain requests being served", registry=r)
         self.dropped = Counter("conceptlens_dropped", "Requests dropped before inference", ["reason"], registry=r)
         self.cache_hits = Counter("conceptlens_cache_hits", "Cache hits", ["backend"], registry=r)
+        self.cache_memory_bytes = Gauge("conceptlens_cache_memory_bytes", "Bytes of answers held in the in-process "
+                                        "cache (bounded by 256 MiB and --cache-size entries)", registry=r)
+        self.cache_memory_entries = Gauge("conceptlens_cache_memory_entries", "Answers held in the in-process cache",
+                                          registry=r)
         self.cache_misses = Counter("conceptlens_cache_misses", "Cache misses", ["backend"], registry=r)
         self.cache_errors = Counter("conceptlens_cache_errors", "Cache backend errors and timeouts",
                                     ["backend", "operation"], registry=r)

@@ -172,6 +172,10 @@ class ExplainServer:
             raise
         self.cache = make_cache(cfg.redis_url, cfg.cache_size, cfg.cache_ttl_s, cfg.redis_timeout_ms / 1000.0,
                                 cfg.redis_retry_s, metrics=self.metrics)
+        near = getattr(self.cache, "near", self.cache)
+        if hasattr(near, "held_bytes"):  # read at scrape time
+            self.metrics.cache_memory_bytes.set_function(near.held_bytes)
+            self.metrics.cache_memory_entries.set_function(near.__len__)
         for name in self.repository.names():
             await self._set_model_health(name)
         self.metrics.ready.set(1)
