@@ -17,14 +17,15 @@ Every answer is checked, not just counted:
     old one); heatmaps and prototype crops are what was asked for (raw grid size, PNG, JPEG).
 
 Faults during the load, each expected to cost 0 failed requests: Redis SIGKILLed and restarted
-(twice), a new bundle version swapped in (twice, the old one unloaded with requests on it),
+(--redis-kills, 2), a new bundle version swapped in (--swaps, 2; the old one unloaded with requests on it),
 /metrics scraped by 4 tasks in a loop, clients that send and never read (a gRPC stream, pipelined
 HTTP requests, a request header left half-sent). Then an overload burst (RESOURCE_EXHAUSTED is
 the only error allowed there), then SIGTERM under load: requests in flight complete, new ones get
 UNAVAILABLE (gRPC) or a refused connection (HTTP), the server exits 0.
 
-The server's RSS is sampled every 2 s; growth is measured from the end of the warm-up to the end
-of the load phase (before the overload burst), and judged net of the in-process answer cache's
+The server's RSS is sampled every 2 s; growth is measured from the end of the warm-up (median of
+its last 30 s) to the end of the load phase (median of its last 60 s, before the overload burst),
+and judged net of the in-process answer cache's
 own growth (it fills by design, up to 256 MiB or --cache-size answers; its bytes come from
 /metrics). SIGTERM is sent while 4 streams are being answered (each has had its first item): all
 their items must be answered too.
@@ -534,7 +535,8 @@ async def swap_version(ctx, version: int) -> None:
                 raise TimeoutError(f"version {version} did not settle: {states}")
             await asyncio.sleep(0.2)
     state.min_version = version
-    state.event(f"version {version} serving alone (the old one unloaded)")
+    rss = ctx["rss"][-1][1] if ctx["rss"] else float("nan")
+    state.event(f"version {version} serving alone (the old one unloaded); RSS {rss:.0f} MiB")
 
 
 def rss_sampler(pid: int, samples: list, stop: threading.Event, t0: float) -> None:
@@ -579,7 +581,7 @@ async def run(args, bundle: Path, work: Path) -> dict:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
             ctx = {"state": state, "target": server.target, "http": server.http_url, "session": session,
                    "model": model, "metrics_port": server.metrics_port, "repo_model": repo_model, "bundle": bundle,
-                   "http_host_port": (server.host, server.http_port)}
+                   "http_host_port": (server.host, server.http_port), "rss": rss}
             state.event(f"server up (pid {server.proc.pid}); {args.clients} clients, {num_classes} classes "
                         f"({len(class_ids)} with concepts), {len(pool)} pool images")
             clients = [asyncio.create_task(client_loop(Mix(pool, class_ids, num_classes, args.seed + i), ctx, i))
@@ -592,13 +594,15 @@ async def run(args, bundle: Path, work: Path) -> dict:
 
             await at(warm)
             state.phase = "load"
-            rss_start = rss[-1][1] if rss else None
+            rss_start = statistics.median(m for t, m in rss[-15:])  # the last 30 s of the warm-up (requests
+            # come and go: a single sample swings by 100 MiB with the heatmaps and contrasts in flight)
             cache_start = metric(await scrape(ctx), "conceptlens_cache_memory_bytes") / 2**20
             state.event(f"warm-up over; RSS {rss_start:.0f} MiB; /metrics hammered by 4 tasks; never-reading "
                         f"clients connected")
             scrapers = [asyncio.create_task(hammer_metrics(ctx)) for _ in range(4)]
             held = await asyncio.to_thread(never_reading_clients, ctx, mix.encoded[0][0])
-            plan = [(0.25, "redis"), (0.45, "swap"), (0.65, "redis"), (0.8, "swap")]
+            plan = sorted([((i + 0.5) / args.redis_kills * 0.9, "redis") for i in range(args.redis_kills)]
+                          + [((i + 1) / (args.swaps + 0.5) * 0.9, "swap") for i in range(args.swaps)])
             version = 1
             for frac, fault in plan:
                 await at(warm + frac * (T - warm))
@@ -612,7 +616,7 @@ async def run(args, bundle: Path, work: Path) -> dict:
                     version += 1
                     await swap_version(ctx, version)
             await at(T)
-            rss_end = rss[-1][1] if rss else None
+            rss_end = statistics.median(m for t, m in rss[-30:])  # the last 60 s of the load
             cache_end = metric(await scrape(ctx), "conceptlens_cache_memory_bytes") / 2**20
             state.event(f"load phase over; RSS {rss_end:.0f} MiB (in-process cache {cache_start:.0f} -> "
                         f"{cache_end:.0f} MiB)")
@@ -759,6 +763,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-queue-size", type=int, default=32, help="the server's --max-queue-size")
     p.add_argument("--grace-s", type=float, default=20.0)
     p.add_argument("--max-rss-growth-pct", type=float, default=5.0, help="0: report only")
+    p.add_argument("--swaps", type=int, default=2, help="new versions swapped in during the load")
+    p.add_argument("--redis-kills", type=int, default=2, help="times Redis is SIGKILLed and restarted")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)

@@ -43,6 +43,8 @@ class ServerConfig:
     intra_op_threads: int = _f(0, "ONNX Runtime threads per operator (0: one per physical core)")
     inter_op_threads: int = _f(1, "ONNX Runtime threads across operators")
     ort_spin: bool = _f(False, "let ONNX Runtime threads spin between runs (dedicated machines)")
+    malloc_arenas: int = _f(2, "glibc malloc arenas (0: glibc's default of 8 per core, whose memory climbs "
+                               "with live version swaps under load)")
     max_batch_size: int = _f(8, "largest inference batch")
     max_queue_delay_ms: float = _f(0.0, "longest wait for a batch to fill (0: no added delay)")
     max_arrival_wait_ms: float = _f(10.0, "longest wait of a batch for requests already being decoded "
@@ -86,6 +88,8 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.runtime == "torchserve" and not self.torchserve_address:
             raise ValueError("--runtime torchserve needs --torchserve-address HOST:PORT")
+        if self.malloc_arenas < 0:
+            raise ValueError("--malloc-arenas must not be negative")
         for name in ("max_queue_delay_ms", "max_arrival_wait_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")

@@ -30,6 +30,7 @@ from .batcher import BatchQueue
 from .bundle import MANIFEST, load_bundle
 from .config import ServerConfig
 from .errors import InvalidInputError, ModelNotFoundError, UnavailableError
+from .memory import release_memory
 from .metrics import Metrics
 from .runtime import create_runtime
 from .serving_model import ServingModel
@@ -102,19 +103,6 @@ class ModelVersion:
         self.model.runtime.close()
         self.model = None  # the bundle's tensors and the session go with it
         release_memory()
-
-
-def release_memory() -> None:
-    """Collect the unloaded version's reference cycles now and hand freed heap pages back to the
-    system (glibc keeps them otherwise: RSS would ratchet up by a model's size on some swaps)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the memory is reused by the process all the same
-        pass
 
 
 @dataclass

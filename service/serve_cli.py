@@ -34,11 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .bundle import BundleError
+    from .memory import limit_malloc_arenas
     from .runtime import RuntimeSetupError
     from .server import serve
 
     try:
         config = ServerConfig.from_namespace(args).validate()
+        limit_malloc_arenas(config.malloc_arenas)  # before the server's threads start
         return asyncio.run(serve(config))
     except (ValueError, BundleError, RuntimeSetupError, OSError) as e:
         raise CLIError(str(e)) from None
