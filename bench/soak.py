@@ -54,7 +54,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,44 +66,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # -- the parts: a private Redis, the bundle, the images ---------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Redis:
-    """A private redis-server (no persistence) that can be SIGKILLed and restarted on the same port."""
-
-    def __init__(self, workdir: Path):
-        self.port, self.workdir, self.proc = free_port(), workdir, None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
 def demo_bundle(workdir: Path) -> Path:
     """The demo's bundle (Lite0 fine-tuned on Fashion-MNIST), built once under ``workdir``."""
     bundle = workdir / "demo" / "bundle"
@@ -554,9 +516,9 @@ async def run(args, bundle: Path, work: Path) -> dict:
     import aiohttp
 
     from conceptlens.service.client import ExplainClient
-    from conceptlens.service.serve_process import ServeProcess
+    from conceptlens.service.serve_process import RedisProcess, ServeProcess
 
-    redis = Redis(work)
+    redis = RedisProcess(work)
     redis.start()
     model = "soak"
     repo_model = work / "repository" / model

@@ -5,7 +5,7 @@ The server starts threads all its life (an inference thread per loaded version, 
 pipeline's workers), and each new arena keeps some of what passed through it: under load the
 resident memory climbed with each live version swap and settled only once the arenas ran out
 (bench/soak.py: about 410 -> 500 MiB over 8 swaps with glibc's default, flat about 300-400 MiB with
-2 arenas, same throughput). Other allocators (musl, jemalloc) are left alone.
+2 arenas, and no less throughput in interleaved runs). Other allocators (musl, jemalloc) are left alone.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``conceptlens serve`` in a child process on free local ports: for the demo, tests and benchmarks."""
+"""``conceptlens serve`` (and a private redis-server) in a child process on free local ports: for the
+demo, tests and benchmarks."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import IO
@@ -81,3 +83,47 @@ class ServeProcess:
         if not isinstance(self._log, int):
             self._log.close()
         return self.proc.returncode
+
+
+class RedisProcess:
+    """A private redis-server (no persistence) on its own free port, so tests and benchmarks may
+    stop, kill and restart it without touching a shared one."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.port = free_port()
+        self.workdir = Path(workdir)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start it and wait until it answers PING; RuntimeError if it does not."""
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: nothing flushed) and wait."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conceptlens.service.serve_process import free_port
+from conceptlens.service.serve_process import RedisProcess, free_port  # noqa: F401 (RedisProcess: re-exported)
 
 TINY_CLASSES = [f"thing{i}" for i in range(8)] + ["lonely", "empty"]
 TINY_C = 8
@@ -112,40 +109,6 @@ def write_tiny_bundle(out: Path, seed: int = 0, extra_tensors=None) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     return write_tiny_bundle(tmp_path_factory.mktemp("tiny") / "bundle")
-
-
-class RedisProcess:
-    """A private redis-server (no persistence) on its own port."""
-
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 @pytest.fixture
