@@ -29,7 +29,8 @@ class ServerConfig:
     http_port: int = _f(8080, "HTTP port (0 turns HTTP off)")
     host: str = _f("[::]", "address to listen on")
     port: int = _f(50051, "gRPC port (0 picks a free one)")
-    metrics_host: str = _f("0.0.0.0", "address of the Prometheus /metrics endpoint")
+    metrics_host: str = _f("0.0.0.0", "address of the Prometheus /metrics endpoint (127.0.0.1: this host only)")
+    metrics_auth: bool = _f(False, "require the bearer token (--auth-token) on /metrics too")
     metrics_port: int = _f(9090, "Prometheus /metrics port (0 turns the endpoint off)")
     runtime: str = _f("onnx", "model runtime", choices=("onnx", "torchserve"))
     torchserve_address: str = _f(None, "--runtime torchserve: TorchServe's gRPC inference address HOST:PORT "
@@ -95,6 +96,8 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.metrics_auth and not (self.auth_token or self.auth_token_file):
+            raise ValueError("--metrics-auth needs a token: --auth-token or --auth-token-file")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         return self

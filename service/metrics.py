@@ -20,6 +20,7 @@ servers can live in one process (tests).
     conceptlens_ready                                     1 once the bundle is loaded and warmed
     conceptlens_bundle_info{bundle_id, model, method, runtime}   1 per loaded version
     conceptlens_model_loads_total{model, result}          version loads: loaded | failed (refused, the old kept)
+    conceptlens_cache_memory_bytes, _entries              what the in-process answer cache holds
 
 The per-class series exist only for classes that were explained (at most classes x concepts
 series); ``--no-concept-metrics`` turns them off.
@@ -139,11 +140,15 @@ class Metrics:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the /metrics HTTP server on a daemon thread; returns the bound port."""
+    def serve(self, port: int, host: str = "0.0.0.0", token: str | None = None) -> int:
+        """Start the /metrics HTTP server on a daemon thread; returns the bound port. With ``token``,
+        a scrape must send ``authorization: Bearer <token>`` (compared in constant time), else 401."""
         from prometheus_client import start_http_server
 
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        if token is None:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        else:
+            server = _guarded_server(self.registry, host, port, f"Bearer {token}".encode())
         self._http = server
         return int(server.server_port)
 
@@ -152,6 +157,32 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def _guarded_server(registry, host: str, port: int, expected: bytes):
+    """prometheus_client's WSGI exposition behind a bearer token, on a daemon thread."""
+    import hmac
+    import threading
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family, _SilentHandler
+
+    app = make_wsgi_app(registry)
+
+    def guarded(environ, start_response):
+        if not hmac.compare_digest(environ.get("HTTP_AUTHORIZATION", "").encode(), expected):
+            start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer"), ("Content-Type", "text/plain")])
+            return [b"/metrics needs 'authorization: Bearer <token>'\n"]
+        return app(environ, start_response)
+
+    class Server(ThreadingWSGIServer):
+        pass
+
+    Server.address_family, addr = _get_best_family(host, port)
+    server = make_server(addr, port, guarded, Server, handler_class=_SilentHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="cl-metrics").start()
+    return server
 
 
 def metric_value(text: str, name: str, **labels) -> float:

@@ -147,7 +147,8 @@ class ExplainServer:
             self.port = self.server.add_insecure_port(address)
         await self.server.start()
         if cfg.metrics_port:
-            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
+            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host,
+                                                   cfg.token() if cfg.metrics_auth else None)
         if cfg.http_port:
             try:
                 from .http_api import start_http

@@ -340,6 +340,42 @@ def test_bearer_token(tiny_bundle):
         srv.stop()
 
 
+def test_metrics_behind_the_token_on_loopback(tiny_bundle):
+    """--metrics-auth: /metrics answers 401 without the token or with a wrong one, the text with it;
+    --metrics-host 127.0.0.1 binds it to loopback only."""
+    import urllib.error
+    import urllib.request
+
+    from conceptlens.service.serve_process import free_port
+
+    cfg = ServerConfig(bundle=str(tiny_bundle), port=0, metrics_port=free_port(), metrics_host="127.0.0.1",
+                       auth_token="s3cret", metrics_auth=True, no_warmup=True)
+    srv = ServerThread(cfg)
+    try:
+        port = srv.server.metrics_port
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        def scrape(header: str | None):
+            req = urllib.request.Request(url, headers={"Authorization": header} if header else {})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers.get("WWW-Authenticate")
+
+        assert scrape(None) == (401, "Bearer")
+        assert scrape("Bearer wrong") == (401, "Bearer")
+        assert scrape("Bearer s3cret!")[0] == 401  # a prefix match is not a match
+        status, text = scrape("Bearer s3cret")
+        assert status == 200 and "conceptlens_ready 1.0" in text
+        bound = srv.server.metrics._http.server_address[0]
+        assert bound == "127.0.0.1"
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match="metrics-auth needs a token"):
+        ServerConfig(bundle=str(tiny_bundle), metrics_auth=True).validate()
+
+
 def test_full_queue_is_resource_exhausted(tiny_bundle):
     srv, runtime = gated_server(tiny_bundle, max_batch_size=1, max_queue_size=1)
     try:
