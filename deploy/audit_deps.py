@@ -9,12 +9,16 @@ needs a reason). Outcomes:
   exit 1  a known vulnerability that is not documented as an exception (with or without a fix):
           upgrade the package, or add the ID with its reason to deploy/pip-audit-ignores.txt;
   exit 0  every package audited and nothing found;
-  exit 0, with a NOT AUDITED banner, when the vulnerability service did not answer for some or all
-          packages (an outage or, on a machine behind a PyPI mirror, a mirror that does not serve
+  exit 0, with a NOT AUDITED banner, when the vulnerability service did not answer for some
+          packages, even after the fallback below (an outage or, on a machine behind a PyPI mirror, a mirror that does not serve
           PyPI's per-version JSON API). pip-audit alone reports that as "No known vulnerabilities
           found"; here it is never a silent pass, but an advisory database being unreachable does
           not fail the build. --strict (or AUDIT_STRICT=1) makes it exit 3 instead.
   exit 2  pip-audit could not run at all, or an exception has no reason.
+
+Fallback for the packages pip-audit could not audit: PyPI's project JSON (``/pypi/NAME/json``, which
+mirrors serve where they lack the per-version one) lists the advisories of the *latest* release; a
+package installed at its latest release is audited from it, any other stays NOT AUDITED.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +52,21 @@ def read_ignores(path: Path) -> dict[str, str]:
     return out
 
 
+def latest_release_advisories(name: str, version: str, base_url: str) -> tuple[list[dict] | None, str]:
+    """(advisories of ``name`` ``version`` in pip-audit's shape, "") when ``version`` is the latest
+    release in ``base_url``/NAME/json, else (None, why not). Withdrawn advisories are left out."""
+    try:
+        with urllib.request.urlopen(f"{base_url.rstrip('/')}/{name}/json", timeout=20) as r:
+            data = json.load(r)
+    except Exception as e:
+        return None, f"project JSON unavailable ({type(e).__name__})"
+    latest = (data.get("info") or {}).get("version")
+    if latest != version:
+        return None, f"not its latest release ({latest}), whose advisories alone are served"
+    return [{"id": v.get("id", "?"), "fix_versions": v.get("fixed_in") or [], "aliases": v.get("aliases") or []}
+            for v in data.get("vulnerabilities") or [] if not v.get("withdrawn")], ""
+
+
 def banner(lines: list[str]) -> None:
     width = max(len(x) for x in lines) + 4
     print("!" * width)
@@ -63,6 +84,8 @@ def main() -> int:
     parser.add_argument("--ignores", type=Path, default=IGNORES)
     parser.add_argument("--pip-audit", default=str(Path(sys.executable).parent / "pip-audit"),
                         help="the pip-audit to run (default: the one beside this interpreter)")
+    parser.add_argument("--json-url", default=os.environ.get("AUDIT_JSON_URL", "https://pypi.org/pypi"),
+                        help="PyPI's JSON API for the latest-release fallback ('' turns it off)")
     parser.add_argument("--strict", action="store_true", default=os.environ.get("AUDIT_STRICT") == "1",
                         help="packages that could not be audited fail the run (exit 3)")
     args = parser.parse_args()
@@ -93,6 +116,21 @@ def main() -> int:
     editable = [d for d in deps if "editable" in d.get("skip_reason", "")]  # the project itself
     skipped = [d for d in deps if "skip_reason" in d and d not in editable]
     audited = [d for d in deps if "skip_reason" not in d]
+    if skipped and args.json_url:
+        def fallback(d):
+            m = re.search(r": (\S+) \(([^)]+)\)$", d["skip_reason"])
+            if not m:
+                return d, None, ""
+            return (d, *latest_release_advisories(m.group(1), m.group(2), args.json_url))
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(fallback, skipped))
+        now = [{"name": d["name"], "version": re.search(r"\(([^)]+)\)$", d["skip_reason"]).group(1),
+                "vulns": [v for v in vulns if v["id"] not in ignores and not set(v["aliases"]) & set(ignores)]}
+               for d, vulns, _ in results if vulns is not None]
+        skipped = [{**d, "skip_reason": why or d["skip_reason"]} for d, vulns, why in results if vulns is None]
+        print(f"fallback ({args.json_url}/NAME/json, latest releases only): {len(now)} more audited, "
+              f"{len(skipped)} still not audited")
+        audited += now
     found = [(d, v) for d in audited for v in d.get("vulns", [])]
     print(f"{'package':28} {'version':14} {'vulnerability':22} fixed in")
     for d, v in found:
@@ -104,11 +142,14 @@ def main() -> int:
           f"vulnerabilities ({sum(1 for _, v in found if v.get('fix_versions'))} with a fix), "
           f"{len(ignores)} documented exceptions, {len(skipped)} not audited")
     if skipped:
-        reasons = sorted({re.sub(r":.*", "", d["skip_reason"]) for d in skipped})
+        reasons = sorted({re.sub(r"\s*\([^)]*\)", "", re.sub(r":.*", "", d["skip_reason"])) for d in skipped})
+        print("not audited: " + ", ".join(f"{d['name']} ({d['skip_reason'].split('(')[-1].rstrip(')')})"
+                                          if "latest" not in d["skip_reason"] else d["name"] for d in skipped))
         banner([f"NOT AUDITED: {len(skipped)} of {len(deps) - len(editable)} packages ({', '.join(reasons)})",
-                f"e.g. {skipped[0]['skip_reason']}",
+                f"e.g. {skipped[0]['name']}: {skipped[0]['skip_reason']}",
                 "The vulnerability service did not answer for them (outage, or a PyPI mirror without",
-                "the per-version JSON API): no vulnerability check was made for these packages.",
+                "the per-version JSON API) and they are not at their latest release: no vulnerability",
+                "check was made for these packages.",
                 "Not a failure unless --strict / AUDIT_STRICT=1 (see deploy/audit_deps.py)."])
     if found:
         print(f"FAILED: {len(found)} known vulnerabilities: upgrade, or document each in {args.ignores.name}")

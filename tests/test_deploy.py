@@ -620,7 +620,15 @@ def test_audit_fails_on_undocumented_vulnerabilities_and_never_passes_silently(t
         "clean": [{"name": "a", "version": "1.0", "vulns": []}, {"name": "conceptlens", "skip_reason": "distribution marked as editable"}],
         "vulnerable": [{"name": "a", "version": "1.0", "vulns": [vuln]}],
         "unanswered": [{"name": "a", "skip_reason": "Dependency not found on PyPI and could not be audited: a (1.0)"}],
+        "mirror": [{"name": n, "skip_reason": f"Dependency not found on PyPI and could not be audited: {n} (1.0)"}
+                   for n in ("a", "b")],
     }
+    # the fallback's PyPI project JSON, as files: a is at its latest release, b is not
+    pypi = tmp_path / "pypi"
+    for name, latest in (("a", "1.0"), ("b", "2.0")):
+        (pypi / name).mkdir(parents=True)
+        (pypi / name / "json").write_text(json.dumps({"info": {"version": latest}, "vulnerabilities": []}))
+    json_url = ("--json-url", pypi.as_uri())
 
     def audit(case: str | None, *extra: str, crash: bool = False):
         env = {**os.environ, "FAKE_REPORT": json.dumps({"dependencies": cases.get(case, []), "fixes": []})}
@@ -635,9 +643,19 @@ def test_audit_fails_on_undocumented_vulnerabilities_and_never_passes_silently(t
     assert run.returncode == 0 and "1 packages, 1 audited, 0 known vulnerabilities" in run.stdout, run.stdout
     run = audit("vulnerable")
     assert run.returncode == 1 and "GHSA-aaaa-bbbb-cccc" in run.stdout and "FAILED" in run.stdout, run.stdout
-    run = audit("unanswered")
+    run = audit("unanswered", "--json-url", "")
     assert run.returncode == 0 and "NOT AUDITED: 1 of 1 packages" in run.stdout, run.stdout
-    assert audit("unanswered", "--strict").returncode == 3
+    assert audit("unanswered", "--strict", "--json-url", "").returncode == 3
+    run = audit("mirror", *json_url)  # a audited from its latest release's advisories, b not
+    assert run.returncode == 0 and "2 packages, 1 audited" in run.stdout and "NOT AUDITED: 1 of 2" in run.stdout, \
+        run.stdout
+    advisory = {"id": "PYSEC-2099-1", "fixed_in": ["1.1"], "aliases": ["CVE-2099-2"], "withdrawn": None}
+    (pypi / "a" / "json").write_text(json.dumps({"info": {"version": "1.0"}, "vulnerabilities": [advisory]}))
+    run = audit("mirror", *json_url)
+    assert run.returncode == 1 and "PYSEC-2099-1" in run.stdout and "1.1" in run.stdout, run.stdout
+    advisory["withdrawn"] = "2099-02-01T00:00:00"
+    (pypi / "a" / "json").write_text(json.dumps({"info": {"version": "1.0"}, "vulnerabilities": [advisory]}))
+    assert audit("mirror", *json_url).returncode == 0  # a withdrawn advisory is no finding
     run = audit(None, crash=True)
     assert run.returncode == 0 and "PIP-AUDIT DID NOT RUN" in run.stdout and "unreachable" in run.stdout, run.stdout
     assert audit(None, "--strict", crash=True).returncode == 3
