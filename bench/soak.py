@@ -123,6 +123,7 @@ class State:
     sigterm_at: float | None = None
     drain_s: float | None = None
     marked_streams: list = field(default_factory=list)
+    errors: list = field(default_factory=list)  # (sent at, phase, kind, message), the first 50
     metrics_scrapes: Counter = field(default_factory=Counter)
 
     def now(self) -> float:
@@ -375,9 +376,10 @@ async def client_loop(mix: Mix, ctx, seed: int) -> None:
                 code = "OK"
             except Exception as e:
                 code = error_code(e)
-                if code == "CHECK FAILED" or (phase not in ("SIGTERM",) and not (
-                        phase == "overload" and code == "RESOURCE_EXHAUSTED")):
+                if code == "CHECK FAILED":
                     state.fail(kind, f"{code}: {str(e)[:300]}")
+                elif len(state.errors) < 50:  # judged by summarize(): which phase, sent when
+                    state.errors.append((sent, phase, kind, f"{code}: {str(e)[:300]}"))
                 if phase == "SIGTERM" or state.sigterm_at is not None:
                     await asyncio.sleep(0.05)  # the server is going away; do not spin
             state.records.append(Record(kind, phase, code, time.perf_counter() - start, sent))
@@ -677,6 +679,8 @@ def summarize(args, state: State, rss, rss_ends, cache_ends, exit_code) -> dict:
                     "racing_codes": codes(racing), "after": len(after), "after_codes": codes(after),
                     "exit_status": exit_code, "drain_s": round(state.drain_s or float("nan"), 1)},
         "check_failures": len(state.check_failures), "first_failures": state.check_failures[:10],
+        "first_load_errors": [f"{kind} at {t:.1f} s: {msg}" for t, phase, kind, msg in state.errors
+                              if phase in ("warm-up", "load") and t < sig - 0.1][:10],
         "events": state.events,
     }
     result["passed"] = bool(load_errors == 0 and over_bad == 0 and in_flight_bad == 0 and after_bad == 0
@@ -710,6 +714,8 @@ def print_table(r: dict) -> None:
     print(f"answers failing a check: {r['check_failures']}")
     for f in r["first_failures"]:
         print(f"  {f}")
+    for f in r["first_load_errors"]:
+        print(f"  error: {f}")
     print("PASSED" if r["passed"] else "FAILED")
 
 
