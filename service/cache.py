@@ -1,7 +1,8 @@
 """Answer cache: serialized ExplainResponse bytes by a hash of everything that decides them.
 
-Key = sha256(namespace, cache schema version, bundle id, serialized request options, image
-bytes). Backends with the same async interface:
+Key = sha256(namespace, cache schema version, scope (model/version/bundle id: no answer crosses
+models, versions or bundles), serialized request options, image bytes). Backends with the same
+async interface:
 
 - ``MemoryCache``: an in-process LRU with a TTL, the embedded default.
 - ``RedisCache``: Redis through the asyncio client with short timeouts. Any Redis error or timeout
@@ -27,10 +28,10 @@ log = logging.getLogger(__name__)
 CACHE_SCHEMA_VERSION = 1  # bump when the cached bytes of an answer change meaning
 
 
-def cache_key(namespace: str, bundle_id: str, options: bytes, image: bytes | memoryview) -> str:
+def cache_key(namespace: str, scope: str, options: bytes, image: bytes | memoryview) -> str:
     """``namespace:hex`` where hex = sha256 over the length-prefixed parts (no ambiguity)."""
     h = hashlib.sha256()
-    for part in (namespace.encode(), str(CACHE_SCHEMA_VERSION).encode(), bundle_id.encode(), options):
+    for part in (namespace.encode(), str(CACHE_SCHEMA_VERSION).encode(), scope.encode(), options):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     h.update(image)

@@ -52,6 +52,7 @@ class ModelVersion:
         self.state = READY
         # appended to every answer it gives (serialized once here, not per request)
         self.answer_identity = pb.ExplainResponse(model=name, version=version).SerializeToString()
+        self.cache_scope = f"{name}/{version}/{model.bundle.bundle_id}"  # what its cache keys hash beside the request
         # The model runs on its own threads, one per batch slot: ONNX Runtime called from one steady
         # thread served 5-10 % more images/s on EfficientNet-Lite0 than from the leading request's.
         self._inference = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_batches,

@@ -343,7 +343,7 @@ class ExplainServer:
         key, t_cache = None, 0.0
         if self.cache is not None:
             options = request.options.SerializeToString(deterministic=True)
-            key_args = (self.config.cache_namespace, f"{mv.name}/{mv.version}/{mv.bundle_id}", options, image)
+            key_args = (self.config.cache_namespace, mv.cache_scope, options, image)
             key = cache_key(*key_args) if len(image) < HASH_IN_THREAD_BYTES else \
                 await loop.run_in_executor(self._pipeline, cache_key, *key_args)
             hit = await self.cache.get(key)
