@@ -29,6 +29,9 @@ from conceptlens.precompute.learners.face import FACE
 from conceptlens.precompute.learners.face_reference import reference_face_adam, served_metrics, sweep_lambda
 from conceptlens.precompute.learners.nmf import NMF
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import parse_torch_args  # noqa: E402
+
 DEFAULT_ACTS = "/tmp/conceptlens-bench/effnet_lite0_cifar10.safetensors"
 
 
@@ -123,11 +126,7 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=0, help="cap on training images (0: 2/3 of them)")
     ap.add_argument("--sweep", default="", help="comma-separated λ values for sweep_lambda, e.g. 0,0.1,1,10")
     ap.add_argument("--pairs", type=int, default=5, help="hyperplane fits to time per method")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_torch_args(ap)
     if args.make_acts and not os.path.exists(args.acts):
         make_acts(args.acts, args.images)
     if os.path.exists(args.acts):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import parse_torch_args  # noqa: E402
 from compare_methods import subset_shard  # noqa: E402
 
 
@@ -50,11 +51,7 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=120)
     ap.add_argument("--face-lambda", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3, help="fits per learner and class; the fastest is kept")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_torch_args(ap)
     logging.basicConfig(level=logging.WARNING)
     from conceptlens.precompute.evaluate import evaluate_class, single_class_explainer
     from conceptlens.precompute.fit import fit_learner

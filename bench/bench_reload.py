@@ -11,7 +11,6 @@ run. A version that were never freed would add about its model's size per swap.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -21,13 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import build_bundle  # noqa: E402
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+from common import publish_version, rss_mib  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,12 +38,7 @@ def main(argv=None) -> int:
     repo = Path(tempfile.mkdtemp(prefix="bench-reload-"))
     image = next((ROOT.parent / "shared" / "data" / "imagenet-samples").glob("*.jpg"), None)
 
-    def publish(version: int) -> None:
-        tmp = repo / "m" / f".{version}.incoming"
-        shutil.copytree(bundle, tmp)
-        os.replace(tmp, repo / "m" / str(version))
-
-    publish(1)
+    publish_version(repo / "m", bundle, 1)
     srv = ServeProcess(None, "--repository-poll-s", "0", "--keep-versions", "1", "--cache-size", "0",
                        repository=repo, log_level="WARNING")
     rows = []
@@ -71,7 +59,7 @@ def main(argv=None) -> int:
             settle(1)
             rows.append((1, rss_mib(srv.proc.pid)))
             for v in range(2, args.swaps + 2):
-                publish(v)
+                publish_version(repo / "m", bundle, v)
                 c.reload_models()
                 settle(v)
                 time.sleep(1.0)  # the unload thread closes the session after the last request

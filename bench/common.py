@@ -1,8 +1,10 @@
 """Shared by the benchmarks: real EfficientNet-Lite0 activations over CIFAR-10 images (cached)."""
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -51,3 +53,30 @@ def lite0_activations(n_images: int) -> tuple[np.ndarray, np.ndarray]:
     feats, logits = np.concatenate(feats), np.concatenate(logits)
     np.savez(path, features=feats, logits=logits)
     return feats, logits
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    """A process's resident memory (VmRSS from /proc), MiB; OSError once it is gone."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def publish_version(repo_model: Path, bundle: Path, version: int) -> None:
+    """Copy ``bundle`` into a model repository as version ``version``, atomically (copy beside, then rename)."""
+    tmp = repo_model / f".{version}.incoming"
+    shutil.copytree(bundle, tmp)
+    os.replace(tmp, repo_model / str(version))
+
+
+def parse_torch_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse ``ap`` with the torch benchmarks' --threads and --device added; applies --threads."""
+    import torch
+
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import io
 import json
 import random
@@ -30,7 +31,6 @@ import sys
 import tempfile
 import time
 import traceback
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # service_conftest: write_tiny_bundle, png_declaring
+from service_conftest import png16_bytes, png_declaring  # noqa: E402 (png_declaring: also the fuzz's own)
 
 CLIENT_CODES = ("INVALID_ARGUMENT", "NOT_FOUND")
 MAX_PIXELS = 4_000_000
@@ -55,16 +56,6 @@ def _img(fmt: str, size=(40, 30), mode="RGB", seed=0, **kw) -> bytes:
     out = io.BytesIO()
     im.save(out, format=fmt, **kw)
     return out.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_declaring(w: int, h: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) \
-        + _chunk(b"IEND", b"")
 
 
 def gif_declaring(w: int, h: int) -> bytes:
@@ -97,10 +88,7 @@ def image_seeds() -> list[bytes]:
         _img("TIFF", compression="tiff_deflate", seed=11), _img("BMP", seed=12), _img("BMP", mode="P", seed=13),
         _img("JPEG", size=(1, 1), seed=14), _img("PNG", size=(3000, 1), seed=15),
     ]
-    arr = np.random.default_rng(16).integers(0, 65535, (30, 40), dtype=np.uint16)
-    out = io.BytesIO()
-    Image.fromarray(arr).save(out, format="PNG")
-    seeds.append(out.getvalue())
+    seeds.append(png16_bytes(16))  # 16-bit grayscale
     return seeds
 
 
@@ -175,7 +163,7 @@ NAMES = ["thing0", "thing1", "thing2", "thing7", "lonely", "empty", "", "nope", 
          "thing0\x00", "☃", "a" * 1000]
 
 
-def gen_class_ref(rng: random.Random, pb) -> "pb.ClassRef":
+def gen_class_ref(rng: random.Random, pb):
     ref = pb.ClassRef()
     r = rng.random()
     if r < 0.45:
@@ -185,7 +173,7 @@ def gen_class_ref(rng: random.Random, pb) -> "pb.ClassRef":
     return ref  # else: neither
 
 
-def gen_options(rng: random.Random, pb) -> "pb.ExplainOptions":
+def gen_options(rng: random.Random, pb):
     o = pb.ExplainOptions()
     for _ in range(rng.choice((0, 0, 1, 1, 2, 3, 40))):
         o.classes.append(gen_class_ref(rng, pb))
@@ -374,11 +362,7 @@ def decoder_input(rng, ctx: Ctx) -> bytes:
 RESIZE_BLOWUP = 64  # a resize target this many times the crop area: the aspect-ratio blow-up
 # preprocess refuses images beyond MAX_ASPECT_RATIO (the fix of the blow-up this fuzzer found): such inputs are
 # run like any other; without the guard (an older conceptlens) they are counted as "aspect" and not run
-try:
-    from conceptlens.service.preprocess import MAX_ASPECT_RATIO as _ASPECT_GUARD
-    _ASPECT_GUARDED = True
-except ImportError:
-    _ASPECT_GUARDED = False
+_ASPECT_GUARDED = hasattr(importlib.import_module("conceptlens.service.preprocess"), "MAX_ASPECT_RATIO")
 
 
 def predicted_blowup(data: bytes, resize: int = 256, crop: int = 224) -> tuple[int, int] | None:

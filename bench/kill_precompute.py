@@ -11,8 +11,6 @@ every tensor of concepts.safetensors (and the head) equals the reference's, mani
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import random
 import re
 import signal
@@ -83,20 +81,6 @@ def run_timed(args: list[str], timeout: float = 600) -> tuple[subprocess.Complet
     rc = proc.wait(timeout=timeout)
     marks["end"] = time.monotonic() - t0
     return subprocess.CompletedProcess(proc.args, rc, "".join(lines), ""), marks
-
-
-def kill_after(args: list[str], delay: float, log_path: Path) -> tuple[str, bool]:
-    """Start the CLI, SIGKILL it after ``delay`` s; (stage the log shows last, whether it finished first)."""
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen([*CLI, *args], stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            proc.wait(timeout=delay)
-            finished = True
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            finished = False
-    return last_stage(log_path.read_text()), finished
 
 
 def kill_on_line(args: list[str], pattern: str, log_path: Path, extra_delay: float = 0.0,

@@ -42,9 +42,7 @@ import base64
 import gzip
 import io
 import json
-import os
 import random
-import shutil
 import signal
 import socket
 import statistics
@@ -63,6 +61,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import publish_version, rss_mib  # noqa: E402
 
 
 # -- the parts: a private Redis, the bundle, the images ---------------------------------------------------
@@ -430,14 +430,6 @@ def never_reading_clients(ctx, image: bytes) -> list:
     return [call, channel, pipelined, half]
 
 
-def metric(text: str, name: str) -> float:
-    """A label-less sample's value from Prometheus text (nan when absent)."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return float("nan")
-
-
 async def scrape(ctx) -> str:
     async with ctx["session"].get(f"http://127.0.0.1:{ctx['metrics_port']}/metrics") as r:
         return (await r.read()).decode()
@@ -466,13 +458,6 @@ async def marked_stream(ctx, mix: Mix, started: asyncio.Event, n: int = 8) -> li
         finally:
             started.set()
     return codes + ["missing"] * (n - len(codes))
-
-
-def publish_version(repo_model: Path, bundle: Path, version: int) -> None:
-    """Copy ``bundle`` in as version ``version``, atomically (copy beside, then rename)."""
-    tmp = repo_model / f".{version}.incoming"
-    shutil.copytree(bundle, tmp)
-    os.replace(tmp, repo_model / str(version))
 
 
 async def swap_version(ctx, version: int) -> None:
@@ -506,10 +491,8 @@ async def swap_version(ctx, version: int) -> None:
 def rss_sampler(pid: int, samples: list, stop: threading.Event, t0: float) -> None:
     while not stop.wait(2.0):
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    samples.append((time.monotonic() - t0, int(line.split()[1]) / 1024))
-        except OSError:
+            samples.append((time.monotonic() - t0, rss_mib(pid)))
+        except (OSError, RuntimeError):  # the server is gone (or a zombie: no VmRSS)
             return
 
 
@@ -518,6 +501,7 @@ async def run(args, bundle: Path, work: Path) -> dict:
     import aiohttp
 
     from conceptlens.service.client import ExplainClient
+    from conceptlens.service.metrics import metric_value
     from conceptlens.service.serve_process import RedisProcess, ServeProcess
 
     redis = RedisProcess(work)
@@ -560,7 +544,7 @@ async def run(args, bundle: Path, work: Path) -> dict:
             state.phase = "load"
             rss_start = statistics.median(m for t, m in rss[-15:])  # the last 30 s of the warm-up (requests
             # come and go: a single sample swings by 100 MiB with the heatmaps and contrasts in flight)
-            cache_start = metric(await scrape(ctx), "conceptlens_cache_memory_bytes") / 2**20
+            cache_start = metric_value(await scrape(ctx), "conceptlens_cache_memory_bytes") / 2**20
             state.event(f"warm-up over; RSS {rss_start:.0f} MiB; /metrics hammered by 4 tasks; never-reading "
                         f"clients connected")
             scrapers = [asyncio.create_task(hammer_metrics(ctx)) for _ in range(4)]
@@ -581,7 +565,7 @@ async def run(args, bundle: Path, work: Path) -> dict:
                     await swap_version(ctx, version)
             await at(T)
             rss_end = statistics.median(m for t, m in rss[-30:])  # the last 60 s of the load
-            cache_end = metric(await scrape(ctx), "conceptlens_cache_memory_bytes") / 2**20
+            cache_end = metric_value(await scrape(ctx), "conceptlens_cache_memory_bytes") / 2**20
             state.event(f"load phase over; RSS {rss_end:.0f} MiB (in-process cache {cache_start:.0f} -> "
                         f"{cache_end:.0f} MiB)")
             if args.overload_s > 0:
