@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import copy
 import gzip
 import io
 import json
@@ -214,6 +215,12 @@ class Mix:
                         for a in pool]
         self.class_ids, self.num_classes = class_ids, num_classes
         self.rng = random.Random(seed)
+
+    def spawn(self, seed: int, kinds: dict[str, int] | None = None) -> "Mix":
+        """A mix of its own (generator, kinds) over the same images, encoded once."""
+        other = copy.copy(self)
+        other.rng, other.kinds = random.Random(seed), kinds or self.KINDS
+        return other
 
     def kind(self) -> str:
         return self.rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
@@ -532,7 +539,7 @@ async def run(args, bundle: Path, work: Path) -> dict:
                    "http_host_port": (server.host, server.http_port), "rss": rss}
             state.event(f"server up (pid {server.proc.pid}); {args.clients} clients, {num_classes} classes "
                         f"({len(class_ids)} with concepts), {len(pool)} pool images")
-            clients = [asyncio.create_task(client_loop(Mix(pool, class_ids, num_classes, args.seed + i), ctx, i))
+            clients = [asyncio.create_task(client_loop(mix.spawn(args.seed + i), ctx, i))
                        for i in range(args.clients)]
             T, warm = args.duration, min(60.0, 0.1 * args.duration)
             held = []
@@ -572,20 +579,20 @@ async def run(args, bundle: Path, work: Path) -> dict:
                 state.phase = "overload"
                 state.event(f"overload: {args.overload_clients} more clients for {args.overload_s:.0f} s")
                 streams = {"grpc stream (4 images)": 1}  # 4 images in flight per client
-                extra = [asyncio.create_task(client_loop(Mix(pool, class_ids, num_classes, 1000 + i, streams), ctx,
+                extra = [asyncio.create_task(client_loop(mix.spawn(1000 + i, streams), ctx,
                                                          1000 + i)) for i in range(args.overload_clients)]
                 await asyncio.sleep(args.overload_s)
                 state.stop_clients = True
                 await asyncio.gather(*clients, *extra)
                 state.stop_clients = False
                 state.phase = "load"
-                clients = [asyncio.create_task(client_loop(Mix(pool, class_ids, num_classes, 2000 + i), ctx, 2000 + i))
+                clients = [asyncio.create_task(client_loop(mix.spawn(2000 + i), ctx, 2000 + i))
                            for i in range(args.clients)]
                 await asyncio.sleep(5.0)
             # SIGTERM under load, with 4 streams that the server is surely serving (each has answered
             # its first item): all their items must still be answered
             starts = [asyncio.Event() for _ in range(4)]
-            marked = [asyncio.create_task(marked_stream(ctx, Mix(pool, class_ids, num_classes, 3000 + i), ev))
+            marked = [asyncio.create_task(marked_stream(ctx, mix.spawn(3000 + i), ev))
                       for i, ev in enumerate(starts)]
             await asyncio.gather(*(ev.wait() for ev in starts))
             state.phase = "SIGTERM"
