@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,11 +40,11 @@ class ClassData:
     train: np.ndarray  # indices into records
     held: np.ndarray
 
-    @property
+    @cached_property  # indexing copies: once, not at every step that reads it
     def train_feats(self) -> np.ndarray:
         return self.feats[self.train]
 
-    @property
+    @cached_property
     def held_feats(self) -> np.ndarray:
         return self.feats[self.held]
 
@@ -85,30 +86,35 @@ class ClassPipeline:
         feats = np.stack([r.features for r in recs]).astype(np.float32)
         return ClassData(cls, recs, feats, train=order[n_held:], held=order[:n_held])
 
-    def fit_learner(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None):
-        """The job's learner fitted on ``feats`` (N, C, H, W) with k concepts (``components_`` (k, C))."""
+    def fit_learner(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None,
+                    method: str | None = None):
+        """The job's learner (or ``method``'s) fitted on ``feats`` (N, C, H, W) with k concepts
+        (``components_`` (k, C))."""
         from .fit import fit_learner
 
         cfg = self.cfg
         # the DeepLift reference is an array: passed to the learner, never hashed or written to the manifest
-        return fit_learner(self.job.method, feats, k=k, class_id=cls, head_weight=self.hw, head_bias=self.hb,
+        return fit_learner(method or self.job.method, feats, k=k, class_id=cls, head_weight=self.hw, head_bias=self.hb,
                            seed=cfg.seed, device=self.job.device, max_iter=cfg.nmf_max_iter, tol=cfg.nmf_tol,
                            params={**cfg.method_params, "attribution": cfg.attribution,
                                    "deeplift_reference": self.job.deeplift_reference(), **(params or {})})
 
-    def fit_basis(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None) -> np.ndarray:
-        """basis (k, C) of the job's learner on ``feats``."""
-        return self.fit_learner(cls, feats, k, params).components_.detach().cpu().numpy().astype(np.float32)
+    def fit_basis(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None,
+                  method: str | None = None) -> np.ndarray:
+        """basis (k, C) of the job's learner (or ``method``'s) on ``feats``."""
+        from .fit import basis_of
+
+        return basis_of(self.fit_learner(cls, feats, k, params, method))
 
     def fit(self, data: ClassData) -> ClassFit:
         """The class's basis: with ``--concepts auto``, k chosen by :mod:`.selection`; FACE's lambda
         likewise with ``--face-lambda auto``."""
+        from .fit import basis_of
         from .selection import select
 
         learner, selection = select(self, data)
         served = learner.served_tensors() if hasattr(learner, "served_tensors") else {}
-        basis = learner.components_.detach().cpu().numpy().astype(np.float32)
-        return self.finish_fit(data, basis, selection, served)
+        return self.finish_fit(data, basis_of(learner), selection, served)
 
     def finish_fit(self, data: ClassData, basis: np.ndarray, selection: dict | None = None,
                    served: dict | None = None) -> ClassFit:

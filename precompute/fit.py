@@ -20,9 +20,14 @@ def fit_basis(method: str, feats: np.ndarray, *, k: int, class_id: int, head_wei
     with ``deeplift_reference`` features).
     FACE and attribution-weighted NMF need a GAP+linear head (head_weight, head_bias).
     """
-    model = fit_learner(method, feats, k=k, class_id=class_id, head_weight=head_weight, head_bias=head_bias,
-                        seed=seed, device=device, max_iter=max_iter, tol=tol, params=params)
-    return model.components_.detach().cpu().numpy().astype(np.float32)
+    return basis_of(fit_learner(method, feats, k=k, class_id=class_id, head_weight=head_weight,
+                                head_bias=head_bias, seed=seed, device=device, max_iter=max_iter, tol=tol,
+                                params=params))
+
+
+def basis_of(learner) -> np.ndarray:
+    """A fitted learner's served basis ``components_`` (k, C) as a float32 numpy array (a copy)."""
+    return learner.components_.detach().cpu().numpy().astype(np.float32)
 
 
 def fit_learner(method: str, feats: np.ndarray, *, k: int, class_id: int, head_weight: np.ndarray | None,

@@ -31,13 +31,9 @@ dominates the logit of as many others, however large its contribution there.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 EPS = 1e-12
-
-LogitsFn = Callable[[np.ndarray], np.ndarray]  # features (n, C, H, W) float32 -> logits (n, K)
 
 
 def halton_ab(k: int, n_designs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

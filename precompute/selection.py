@@ -87,12 +87,7 @@ def _score(pipe: "ClassPipeline", cls: int, basis: np.ndarray, feats: np.ndarray
 
 
 def _base_basis(pipe: "ClassPipeline", cls: int, feats: np.ndarray, k: int) -> np.ndarray:
-    from .fit import fit_basis
-
-    cfg = pipe.cfg
-    return fit_basis(BASE_LEARNER[bool(pipe.job.signed)], feats, k=k, class_id=cls, head_weight=pipe.hw,
-                     head_bias=pipe.hb, seed=cfg.seed, device=pipe.job.device, max_iter=cfg.nmf_max_iter,
-                     tol=cfg.nmf_tol)
+    return pipe.fit_basis(cls, feats, k, method=BASE_LEARNER[bool(pipe.job.signed)])
 
 
 def choose_k(pipe: "ClassPipeline", data: "ClassData", fit_part: np.ndarray, val_part: np.ndarray,
@@ -142,9 +137,11 @@ def merge_split_concepts(learner, pipe: "ClassPipeline", data: "ClassData") -> l
     on ``learner.components_``; returns the merged pairs (indices in the basis before each merge)."""
     import torch
 
+    from .fit import basis_of
+
     merged = []
     while True:
-        basis = learner.components_.detach().cpu().numpy().astype(np.float32)
+        basis = basis_of(learner)
         if len(basis) < 2:
             return merged
         pair = split_pair(basis, _codes(pipe, data, basis))

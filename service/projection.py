@@ -30,22 +30,19 @@ class LinearProjector:
 
     basis: np.ndarray  # (k, C) float32: the encoding directions E
     decoding: np.ndarray  # (k, C) float32: the decoding directions D (filters)
-    clip: bool = True  # S = max(V D^T, 0); False gives the raw (signed) filter responses
 
     @classmethod
-    def from_pair(cls, encoding: np.ndarray, decoding: np.ndarray, clip: bool = True) -> "LinearProjector":
+    def from_pair(cls, encoding: np.ndarray, decoding: np.ndarray) -> "LinearProjector":
         encoding = np.ascontiguousarray(encoding, dtype=np.float32)
         decoding = np.ascontiguousarray(decoding, dtype=np.float32)
         if encoding.ndim != 2 or decoding.shape != encoding.shape:
             raise ValueError(f"decoding directions {decoding.shape} do not match the encoding directions "
                              f"{encoding.shape}: both must be (k, C)")
-        return cls(basis=encoding, decoding=decoding, clip=clip)
+        return cls(basis=encoding, decoding=decoding)
 
     def project(self, v: np.ndarray, **_) -> np.ndarray:
         """Codes S (n, k) float32 of pixels V (n, C): the latent factors V D^T, clipped at 0.
 
         Keyword arguments of the NNLS projector (``max_iter``, ``tol``) are accepted and ignored."""
         s = np.asarray(v, dtype=np.float32) @ self.decoding.T
-        if self.clip:
-            np.maximum(s, 0.0, out=s)
-        return s
+        return np.maximum(s, 0.0, out=s)

@@ -318,11 +318,15 @@ def test_channel_block_preconditioner_inverts_its_blocks():
 
 # ---- the shared base ------------------------------------------------------------------------------------
 
-def test_every_registered_learner_exposes_the_base_attributes_after_fit_class():
+def _registry_inputs():
+    """Features (12, 16, 3, 3) >= 0 and a GAP+linear head (W (4, 16), b = 0) every learner of LEARNERS accepts."""
     rng = np.random.default_rng(0)
     feats = np.abs(rng.standard_normal((12, 16, 3, 3))).astype(np.float32)
-    w = rng.standard_normal((4, 16)).astype(np.float32)
-    b = np.zeros(4, np.float32)
+    return feats, rng.standard_normal((4, 16)).astype(np.float32), np.zeros(4, np.float32)
+
+
+def test_every_registered_learner_exposes_the_base_attributes_after_fit_class():
+    feats, w, b = _registry_inputs()
     for method, learner_cls in LEARNERS.items():
         learner = learner_cls.fit_class(feats, k=3, class_id=1, head_weight=w, head_bias=b, seed=0,
                                         device=torch.device("cpu"), max_iter=20, tol=1e-4, params={})
@@ -453,10 +457,7 @@ def test_fit_basis_dispatches_every_registered_learner():
     """The job's one entry point reaches each learner of the registry and checks what it needs."""
     from conceptlens.precompute.fit import fit_basis
 
-    rng = np.random.default_rng(0)
-    feats = np.abs(rng.standard_normal((12, 16, 3, 3))).astype(np.float32)
-    w = rng.standard_normal((4, 16)).astype(np.float32)
-    b = np.zeros(4, np.float32)
+    feats, w, b = _registry_inputs()
     for method, learner in LEARNERS.items():
         basis = fit_basis(method, feats, k=3, class_id=1, head_weight=w, head_bias=b, seed=0,
                           device=torch.device("cpu"), max_iter=20)

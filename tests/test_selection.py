@@ -38,12 +38,13 @@ def fake_pipeline(concepts="auto", method="nmf"):
     model = SimpleNamespace(head=Head(weight=w, bias=b), class_names=["a", "b", "c"])
     pipe = SimpleNamespace(cfg=cfg, job=job, model=model, hw=w, hb=b, hfn=None)
 
-    def fit_learner(cls, feats, k, params=None):
+    def fit_learner(cls, feats, k, params=None, learner=None):
         from conceptlens.precompute.fit import fit_learner as fl
-        return fl(method, feats, k=k, class_id=cls, head_weight=w, head_bias=b, seed=0,
+        return fl(learner or method, feats, k=k, class_id=cls, head_weight=w, head_bias=b, seed=0,
                   device=torch.device("cpu"), max_iter=200, tol=1e-4, params=params)
     pipe.fit_learner = fit_learner
-    pipe.fit_basis = lambda cls, feats, k, params=None: fit_learner(cls, feats, k, params).components_.numpy()
+    pipe.fit_basis = lambda cls, feats, k, params=None, method=None: fit_learner(cls, feats, k, params,
+                                                                                method).components_.numpy()
     return pipe
 
 

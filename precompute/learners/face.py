@@ -422,9 +422,8 @@ class FACE(ConceptLearner):
             runs = {"nmf": (*_projected_lbfgs(objective, p0, budget, self.tol, self.window, first=first),
                             objective)}
             if hw_start:
-                p = torch.softmax(a.mean(1) @ w.T + b, 1)
-                fisher = (p @ w.square() - (p @ w).square()).mean(0)  # (C,) diag of mean W^T(diag p - pp^T)W
-                alpha = (1 + self.lam * c * fisher.clamp(min=0) / 2).sqrt()
+                # objective.fisher: (C,) diag of the mean W^T (diag p - p p^T) W, clamped at 0
+                alpha = (1 + self.lam * c * objective.fisher / 2).sqrt()
                 p1 = (self._nmf(v * alpha) / alpha).clamp(min=0)
                 p1 = p1 / p1.norm(dim=1, keepdim=True).clamp(min=1e-30)
                 other = _FaceObjective(a, w, b, self.lam, class_id, self.span_beta)
