@@ -62,7 +62,6 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from conceptlens.precompute.checks import concept_curves
-    from conceptlens.precompute.class_pipeline import ClassPipeline
     from conceptlens.precompute.evaluate import evaluate_class, served_codes
     from conceptlens.precompute.job import Job, PrecomputeConfig
 
@@ -87,7 +86,7 @@ def main() -> None:
     for method in args.methods:
         job.method = method
         job.cfg.method_params = {"face_lambda": lam} if method == "face" else {}
-        pipe = ClassPipeline(job, records, pool=None)
+        pipe = job.pipeline(records, pool=None)
         for cls in classes:
             data = pipe.split(cls)
             t = time.perf_counter()

@@ -192,3 +192,23 @@ def attribution_pixels(feats: np.ndarray, head, cid: int, max_pixels: int, seed:
     if len(px) > max_pixels:
         px = px[np.random.default_rng(seed).choice(len(px), max_pixels, replace=False)]
     return px
+
+
+def class_flags(metrics: dict, images: int, min_images: int) -> list[str]:
+    """Evaluation flags the service passes on: reasons not to trust a class's explanation."""
+    flags = []
+    if metrics.get("stitched") and metrics["stitched"].get("pass") is False:
+        flags.append("failed_stitched_prototype_test")
+    for pair in (metrics.get("shift") or {}).get("pairs", []):
+        if pair["max_probability"] < 0.5:
+            flags.append("failed_hyperplane_shift_test")
+    ho = metrics.get("held_out") or metrics.get("train") or {}
+    if ho.get("ice_fidelity", 0.0) > 0.3:
+        flags.append("low_fidelity")
+    if ho.get("top1_agreement", 1.0) < 0.8:
+        flags.append("low_top1_agreement")
+    if not metrics.get("held_out"):
+        flags.append("no_held_out_images")
+    return flags
+
+

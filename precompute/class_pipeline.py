@@ -15,17 +15,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..service.explain import Explainer
+from ..service.explain import Explainer, softmax
+from .config import PrecomputeConfig
 from .evaluate import evaluate_class, logits_of, served_codes, single_class_explainer
 from .features import Record
+from .learner_params import LearnerParams
+from .model_access import ModelAccess
 from .prototypes import CropPool, cosine_scores, crop_jpeg, crop_scores, top_crops
-
-if TYPE_CHECKING:
-    from .job import Job
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,19 @@ class ClassFit:
     explainer: Explainer
     method: str
     selection: dict = field(default_factory=dict)  # how k (and lambda) were chosen, when chosen
+    params: dict = field(default_factory=dict)  # the learner parameters it was fitted with (typed, none 'auto')
     served: dict[str, np.ndarray] = field(default_factory=dict)  # the learner's extra served tensors
+
+
+@dataclass(frozen=True)
+class LearnSettings:
+    """What the job decided before any class is learned: its config, the learner for the layer
+    (``auto`` resolved), whether the layer is signed, and the learner's typed parameters."""
+
+    cfg: PrecomputeConfig
+    method: str
+    signed: bool
+    params: LearnerParams
 
 
 @dataclass
@@ -73,10 +84,12 @@ class ClassResult:
 class ClassPipeline:
     """The per-class steps of one job (its model, head, data pool, learner and settings)."""
 
-    def __init__(self, job: "Job", records: dict[int, list[Record]], pool: CropPool):
-        self.job, self.cfg, self.model = job, job.cfg, job.model
+    def __init__(self, access: ModelAccess, settings: LearnSettings, records: dict[int, list[Record]],
+                 pool: CropPool | None):
+        self.access, self.settings, self.cfg, self.model = access, settings, settings.cfg, access.model
+        self.method, self.signed, self.params = settings.method, settings.signed, settings.params
         self.records, self.pool = records, pool
-        self.hw, self.hb, self.hfn = job._head()
+        self.hw, self.hb, self.hfn = access.head()
 
     # --- steps ---
     def split(self, cls: int) -> ClassData:
@@ -88,16 +101,19 @@ class ClassPipeline:
 
     def fit_learner(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None,
                     method: str | None = None):
-        """The job's learner (or ``method``'s) fitted on ``feats`` (N, C, H, W) with k concepts
-        (``components_`` (k, C))."""
+        """The job's learner (or ``method``'s, with its defaults) fitted on ``feats`` (N, C, H, W) with k
+        concepts (``components_`` (k, C)). ``params``: the job learner's parameters for this fit, every
+        ``auto`` one chosen (:meth:`LearnerParams.with_chosen`); with ``method`` they are that learner's."""
         from .fit import fit_learner
 
         cfg = self.cfg
+        if method is None or method == self.method:
+            method, params = self.method, self.params.with_chosen(params or {})
         # the DeepLift reference is an array: passed to the learner, never hashed or written to the manifest
-        return fit_learner(method or self.job.method, feats, k=k, class_id=cls, head_weight=self.hw, head_bias=self.hb,
-                           seed=cfg.seed, device=self.job.device, max_iter=cfg.nmf_max_iter, tol=cfg.nmf_tol,
-                           params={**cfg.method_params, "attribution": cfg.attribution,
-                                   "deeplift_reference": self.job.deeplift_reference(), **(params or {})})
+        return fit_learner(method, feats, k=k, class_id=cls, head_weight=self.hw, head_bias=self.hb,
+                           seed=cfg.seed, device=self.access.device, max_iter=cfg.nmf_max_iter, tol=cfg.nmf_tol,
+                           params={"attribution": cfg.attribution,
+                                   "deeplift_reference": self.access.deeplift_reference(), **(params or {})})
 
     def fit_basis(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None,
                   method: str | None = None) -> np.ndarray:
@@ -112,19 +128,20 @@ class ClassPipeline:
         from .fit import basis_of
         from .selection import select
 
-        learner, selection = select(self, data)
+        learner, selection, params = select(self, data)
         served = learner.served_tensors() if hasattr(learner, "served_tensors") else {}
-        return self.finish_fit(data, basis_of(learner), selection, served)
+        return self.finish_fit(data, basis_of(learner), selection, served, params)
 
     def finish_fit(self, data: ClassData, basis: np.ndarray, selection: dict | None = None,
-                   served: dict | None = None) -> ClassFit:
+                   served: dict | None = None, params: dict | None = None) -> ClassFit:
         """Weights and the single-class explainer of a basis."""
         anchor = None if self.hw is not None else data.train_feats.mean(axis=0)  # see service.head
         weights = self.model.head.concept_weights(basis, data.cls, anchor=anchor)
         explainer = single_class_explainer(self.model.class_names, data.cls, basis, weights, self.hw, self.hb,
-                                           self.hfn, self.job.method, anchor,
+                                           self.hfn, self.method, anchor,
                                            {f"{name}/{data.cls}": t for name, t in (served or {}).items()})
-        return ClassFit(basis, weights, anchor, explainer, self.job.method, selection or {}, dict(served or {}))
+        return ClassFit(basis, weights, anchor, explainer, self.method, selection=selection or {},
+                        served=dict(served or {}), params=self.params.with_chosen(params or {}))
 
     def evaluate(self, data: ClassData, fit: ClassFit) -> tuple[dict, dict[str, np.ndarray]]:
         """(metrics, served codes (n, HW, k) of each split)."""
@@ -138,7 +155,8 @@ class ClassPipeline:
         on = self.curves_split(data)
         metrics[on].update(concept_curves(ex, cls, parts[on], self.hw, self.hb, self.hfn, codes[on],
                                           importance=self.cfg.importance))
-        metrics["stability"] = stability(lambda f: self.fit_basis(cls, f, len(fit.basis)), data.train_feats,
+        # the folds are fitted as the class was: same k, same chosen parameters (lambda), never 'auto'
+        metrics["stability"] = stability(lambda f: self.fit_basis(cls, f, len(fit.basis), fit.params), data.train_feats,
                                          fit.basis, self.cfg.stability_folds, self.cfg.seed)
         if fit.selection:
             metrics["selection"] = fit.selection
@@ -155,7 +173,7 @@ class ClassPipeline:
 
         cfg, pool, pre = self.cfg, self.pool, self.model.preprocessing
         scores = crop_scores(pool, fit.basis)  # (n_crops, k), shared by the stitched test and prototypes
-        stitched = stitched_test(pool, scores, data.cls, self.job._forward(), lambda im: normalize(im, pre),
+        stitched = stitched_test(pool, scores, data.cls, self.access.forward(), lambda im: normalize(im, pre),
                                  pre.crop, self.model.class_names)
         crops = top_crops(pool, scores, cfg.prototypes, exclude_class=data.cls if cfg.prototypes_exclude_class else None)
         cosines = cosine_scores(scores, crops)
@@ -181,20 +199,50 @@ class ClassPipeline:
         cfg, cls = self.cfg, data.cls
         if cfg.contrast_samples <= 0:
             return {}, {}
-        head = self.job._attribution_head()
-        if self.job.signed or head is None:
-            log.info("class %d: no contrast data (%s)", cls, "signed activations" if self.job.signed else
+        head = self.access.attribution_head()
+        if self.signed or head is None:
+            log.info("class %d: no contrast data (%s)", cls, "signed activations" if self.signed else
                      "the non-linear head is an ONNX graph, without gradients")
             return {}, {}
         px = attribution_pixels(data.train_feats, head, cls, cfg.contrast_samples, cfg.seed, method=cfg.attribution,
-                                reference=self.job.deeplift_reference())
+                                reference=self.access.deeplift_reference())
         tensors = {"samples": px.astype(np.float16)}
         logits = logits_of(data.feats, self.hw, self.hb, self.hfn)
         other = most_confused(logits, cls, {c for c, r in self.records.items() if len(r) >= 2} - {cls})
         if other is None or len(px) < len(fit.basis):
             return {}, tensors
-        return self.job._contrast_pair(cls, other, px, self.records[other], head, self.hw, self.hb, self.hfn,
-                                       tensors, len(fit.basis)), tensors
+        return self.contrast_pair(cls, other, px, self.records[other], head, tensors, len(fit.basis)), tensors
+
+    def contrast_pair(self, a: int, b: int, px_a: np.ndarray, recs_b: list[Record], head_for_attr, tensors: dict,
+                      k: int) -> dict:
+        """Hyperplane and contrast concepts of "a rather than b" into ``tensors``; the shifting test."""
+        import torch
+
+        from ..service.contrast import METHOD_PRECOMPUTED, compute_pair
+        from .checks import attribution_pixels
+        from .learners.contrast import shift_test
+
+        cfg, hw, hb, hfn = self.cfg, self.hw, self.hb, self.hfn
+        feats_b = np.stack([r.features for r in recs_b]).astype(np.float32)
+        px_b = attribution_pixels(feats_b, head_for_attr, b, cfg.contrast_samples, cfg.seed,
+                                  method=cfg.attribution, reference=self.access.deeplift_reference())
+        if len(px_b) == 0:
+            return {}
+        pair = compute_pair(a, b, px_a, px_b, k, seed=cfg.seed, method=METHOD_PRECOMPUTED)
+        if pair is None:  # too few of a's pixels on its side of the hyperplane: no precomputed pair
+            return {}
+        normal, offset = pair.normal, pair.offset
+        key = f"contrast/{a}_{b}"
+        tensors[f"{key}/basis"] = pair.basis
+        tensors[f"{key}/normal"] = normal
+        tensors[f"{key}/offset"] = np.asarray([offset], np.float32)
+        head = (torch.from_numpy(hw), torch.from_numpy(hb)) if hw is not None else self.model.torch_head
+        base = float(np.mean(softmax(logits_of(feats_b, hw, hb, hfn))[:, a]))
+        best = shift_test(torch.from_numpy(feats_b), torch.from_numpy(np.asarray(normal, np.float32)), offset,
+                          head, a)
+        names = self.model.class_names
+        return {"pairs": [{"target": a, "target_name": names[a], "source": b, "source_name": names[b],
+                           "baseline_probability": base, "max_probability": float(best)}]}
 
     def examples(self, data: ClassData, codes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Codes (n, k, H, W) and JPEGs of the first ``--examples`` images of the curves' split."""
@@ -212,7 +260,7 @@ class ClassPipeline:
 
     # --- all of them ---
     def run(self, cls: int, seen: int) -> ClassResult:
-        from .job import class_flags
+        from .checks import class_flags
 
         data = self.split(cls)
         fit = self.fit(data)
@@ -233,5 +281,5 @@ class ClassPipeline:
         info = {"class_id": cls, "name": self.model.class_names[cls], "k": int(fit.basis.shape[0]),
                 "images": len(data.records), "images_seen": seen, "held_out_images": int(len(data.held)),
                 "metrics": metrics, "flags": flags, "method": fit.method, "prototypes": protos,
-                "signed_features": bool(self.job.signed)}
+                "signed_features": bool(self.signed)}
         return ClassResult(tensors, info)

@@ -36,6 +36,9 @@ def fit_learner(method: str, feats: np.ndarray, *, k: int, class_id: int, head_w
     """As :func:`fit_basis`, returning the fitted learner itself: ``components_`` (k, C) is the
     served basis; a learner may also have ``served_tensors() -> {name: array}``, extra per-class
     tensors the bundle keeps as ``<name>/<class>`` (e.g. the decoding directions of ``directions``)."""
+    from .learner_params import check_resolved
+
+    check_resolved(params or {})
     learner = LEARNERS.get(method)
     if learner is None:
         raise ValueError(f"unknown method {method!r}: choose {', '.join(LEARNERS)}")

@@ -12,109 +12,26 @@ same configuration skips them. ``learn`` needs all extraction parts; ``merge`` n
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..service.bundle import atomic_write_bytes, atomic_write_json, class_index, sha256_file
-from ..service.explain import softmax
+from ..service.bundle import atomic_write_bytes, atomic_write_json, class_index
+from .class_pipeline import ClassPipeline, LearnSettings
+from .config import AUTO_METHOD, NEEDS_NON_NEGATIVE, JobError, PrecomputeConfig, parse_shard  # noqa: F401 (re-exported)
 from .datasets import Dataset, open_dataset
-from .class_pipeline import ClassPipeline
-from .evaluate import logits_of
+from .learner_params import LearnerParamsError, resolve_learner_params
+from .model_access import ModelAccess, resolve_torch_device
 from .features import Progress, Record, extract, load_part, safetensors_info, save_part
 from .models import PreprocessingOverrides, SplitModel, load_model
 from .prototypes import CropPool
 
 log = logging.getLogger(__name__)
-
-# Fields that change what is learned; the rest (paths, shard, device, batch size) do not.
-_HASHED = ("model", "weights", "layer", "labels", "preprocessing", "data", "group_by", "method", "concepts",
-           "min_images", "max_images", "held_out", "prototypes", "prototype_cells", "prototypes_exclude_class",
-           "classes", "seed", "nmf_max_iter", "nmf_tol", "method_params", "stability_folds", "contrast_samples",
-           "examples", "importance", "attribution")
-AUTO_METHOD = "auto"  # nmf on a non-negative layer, seminmf on a signed one
-NEEDS_NON_NEGATIVE = ("nmf", "face", "attribution", "directions")  # their directions are >= 0
-
-
-class JobError(ValueError):
-    """A precompute run that cannot go on: the message says why and what to do."""
-
-
-@dataclass
-class PrecomputeConfig:
-    model: str
-    data: str
-    out: str
-    weights: str | None = None
-    layer: str | None = None
-    labels: str | None = None  # file: one class name per output
-    preprocessing: dict = field(default_factory=dict)  # overrides: resize, crop, mean, std, interpolation
-    work: str | None = None
-    group_by: str = "predicted"  # "label" | "predicted"
-    method: str = AUTO_METHOD
-    method_params: dict = field(default_factory=dict)
-    concepts: int | str = "auto"  # k, or "auto": chosen per class (precompute/selection.py)
-    importance: str = "contribution"  # concept order for deletion/insertion: contribution | sobol
-    attribution: str = "gradxact"  # attribution for --method attribution and contrast pixels: gradxact | deeplift
-    min_images: int = 20
-    max_images: int = 200
-    held_out: float = 0.2
-    prototypes: int = 5
-    prototype_cells: int = 2
-    prototypes_exclude_class: bool = False
-    classes: list[str] | None = None
-    seed: int = 0
-    nmf_max_iter: int = 200
-    nmf_tol: float = 1e-4
-    stability_folds: int = 3
-    contrast_samples: int = 512
-    examples: int = 2
-    batch_size: int = 32
-    device: str = "auto"
-    shard: tuple[int, int] = (0, 1)
-
-    @property
-    def work_dir(self) -> Path:
-        return Path(self.work) if self.work else Path(str(self.out).rstrip("/") + ".work")
-
-    def config_hash(self) -> str:
-        d = asdict(self)
-        d["weights_sha"] = _file_sha(self.weights)  # a missing file is the model loader's clear error
-        d["labels_sha"] = _file_sha(self.labels)
-        _, _, path = self.model.partition(":")
-        d["model_sha"] = _file_sha(path) if self.model.split(":")[0] in ("onnx", "torchscript") else None
-        keys = (*_HASHED, "weights_sha", "labels_sha", "model_sha")
-        return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True,
-                                         default=str).encode()).hexdigest()[:16]
-
-
-def _file_sha(path: str | None) -> str | None:
-    return sha256_file(path) if path and Path(path).is_file() else None
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n) with 0 <= i < n."""
-    try:
-        i, n = (int(p) for p in str(text).split("/"))
-    except ValueError:
-        raise JobError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise JobError(f"--shard {text}: need 0 <= I < N")
-    return i, n
-
-
-def _device(name: str) -> torch.device:
-    from .learners.nmf import resolve_device
-
-    return resolve_device(name)
-
 
 class Job:
     """One precompute run; the stages can run in separate processes (sharded) or all in one."""
@@ -125,7 +42,7 @@ class Job:
         self.hash = cfg.config_hash()
         self._model: SplitModel | None = None
         self._dataset: Dataset | None = None
-        self._fwd = None  # the ONNX Runtime forward, created on first use
+        self._access: ModelAccess | None = None
 
     # ---- shared pieces -------------------------------------------------------------------------
     @property
@@ -140,7 +57,7 @@ class Job:
                          len(names), len(names), ", ".join(f"{i}={n}" for i, n in enumerate(names[:6]))
                          + (", ..." if len(names) > 6 else ""))
                 m.class_names = list(names)
-            self._model = m.to(_device(self.cfg.device))
+            self._model = m.to(resolve_torch_device(self.cfg.device))
         return self._model
 
     @property
@@ -150,32 +67,14 @@ class Job:
         return self._dataset
 
     @property
-    def onnx_path(self) -> Path:
-        return self.work / "model.onnx"
+    def access(self) -> ModelAccess:
+        """The model-facing pieces (ONNX export and forward, head, attribution) shared with the class pipeline."""
+        if self._access is None:
+            self._access = ModelAccess(self.model, self.work, self.cfg.model, self.cfg.device, self.cfg.attribution)
+        return self._access
 
     def export(self) -> Path:
-        """Export the model to ONNX once per work directory (atomic: concurrent shards are safe)."""
-        if not self.onnx_path.is_file():
-            import os
-            import tempfile
-
-            fd, tmp = tempfile.mkstemp(dir=self.work, suffix=".onnx.tmp")
-            os.close(fd)
-            try:
-                self.model.export_onnx(tmp)
-                os.replace(tmp, self.onnx_path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-            log.info("exported %s (%s, layer %s) to %s", self.model.name, self.cfg.model, self.model.layer,
-                     self.onnx_path)
-        return self.onnx_path
-
-    def onnx_forward(self):
-        """The exported model as a function (N,3,S,S) float32 -> (features, logits), on ONNX Runtime."""
-        from ..service.runtime import OnnxRuntime, run_any_batch
-
-        runtime = OnnxRuntime(self.export(), device=self.cfg.device)  # cuda:N picks GPU N
-        return lambda batch: run_any_batch(runtime, batch)
+        return self.access.export()
 
     def part_path(self, i: int, n: int) -> Path:
         return self.work / "features" / f"part-{i:05d}-of-{n:05d}.safetensors"
@@ -246,7 +145,7 @@ class Job:
             return path
         log.info("extract: data %s (%s), shard %d/%d, model %s layer %s", self.cfg.data, self.dataset.kind,
                  i, n, self.model.name, self.model.layer)
-        res = extract(self.dataset, self._forward(), self.model.preprocessing, group_of=group, shard=(i, n),
+        res = extract(self.dataset, self.access.forward(), self.model.preprocessing, group_of=group, shard=(i, n),
                       batch_size=self.cfg.batch_size, max_per_class=self.cfg.max_images, seed=self.cfg.seed)
         if res.processed == 0:
             raise JobError(f"no usable image in {self.cfg.data} (shard {i}/{n}); {res.skipped} could not be read")
@@ -331,13 +230,22 @@ class Job:
         pool = CropPool.build([r for rs in records.values() for r in rs], cells=self.cfg.prototype_cells,
                               view_size=self.model.preprocessing.crop)
         progress = Progress("learn classes", total=len(todo), every=0)
-        pipeline = ClassPipeline(self, records, pool)
+        pipeline = self.pipeline(records, pool)
         for cls in todo:
             t0 = time.perf_counter()
             self._learn_class(pipeline, cls, totals["seen"].get(cls, len(records[cls])))
             progress.update(1, extra=f"class {cls} ({self.model.class_names[cls]}) in "
                                      f"{time.perf_counter() - t0:.1f} s")
         return todo
+
+    def pipeline(self, records: dict[int, list[Record]], pool: CropPool | None) -> ClassPipeline:
+        """The per-class steps for this job's learner (``self.method``, from :meth:`resolve_method`), its
+        parameters typed once here: ``auto`` ones are chosen per class, never passed to a learner."""
+        try:
+            params = resolve_learner_params(self.method, self.cfg.method_params)
+        except LearnerParamsError as e:
+            raise JobError(str(e)) from None
+        return ClassPipeline(self.access, LearnSettings(self.cfg, self.method, self.signed, params), records, pool)
 
     def resolve_method(self, records: dict[int, list[Record]]) -> str:
         """The learner for this layer: ``auto`` picks seminmf where activations are signed, nmf else;
@@ -365,35 +273,6 @@ class Job:
         except Exception:
             return False
 
-    def _head(self):
-        """(W, b, None) of a linear head, else (None, None, h as a numpy function)."""
-        head = self.model.head
-        return (head.weight, head.bias, None) if head.linear else (None, None, head.logits)
-
-    def deeplift_reference(self) -> np.ndarray | None:
-        """Features (C, H, W) of DeepLift's reference image (with --attribution deeplift), computed once."""
-        if self.cfg.attribution != "deeplift":
-            return None
-        if getattr(self, "_deeplift_ref", None) is None:
-            from .learners.attribution import reference_features
-
-            self._deeplift_ref = reference_features(self._forward(), self.model.preprocessing.crop)
-        return self._deeplift_ref
-
-    def _attribution_head(self):
-        """What attribution maps differentiate: W of a linear head, or the torch head module;
-        None for a non-linear head that is only an ONNX graph (no gradients: no contrast data)."""
-        return self.model.head_weight if self.model.linear_head else self.model.torch_head
-
-    def _forward(self):
-        if self._fwd is None:
-            self._fwd = self.onnx_forward()
-        return self._fwd
-
-    @property
-    def device(self) -> torch.device:
-        return _device(self.cfg.device)
-
     def _learn_class(self, pipeline, cls: int, seen: int) -> None:
         """Learn one class (precompute/class_pipeline.py) and write its file atomically."""
         from safetensors.numpy import save
@@ -406,55 +285,9 @@ class Job:
                  info["name"], info["images"], info["k"], held.get("ice_fidelity", float("nan")),
                  held.get("top1_agreement", float("nan")), f", flags {flags}" if flags else "")
 
-    def _contrast_pair(self, a: int, b: int, px_a: np.ndarray, recs_b: list[Record], head_for_attr, hw, hb, hfn,
-                       tensors: dict, k: int) -> dict:
-        """Hyperplane and contrast concepts of "a rather than b" into ``tensors``; the shifting test."""
-        from ..service.contrast import METHOD_PRECOMPUTED, compute_pair
-        from .checks import attribution_pixels
-        from .learners.contrast import shift_test
-
-        feats_b = np.stack([r.features for r in recs_b]).astype(np.float32)
-        px_b = attribution_pixels(feats_b, head_for_attr, b, self.cfg.contrast_samples, self.cfg.seed,
-                                  method=self.cfg.attribution, reference=self.deeplift_reference())
-        if len(px_b) == 0:
-            return {}
-        pair = compute_pair(a, b, px_a, px_b, k, seed=self.cfg.seed, method=METHOD_PRECOMPUTED)
-        if pair is None:  # too few of a's pixels on its side of the hyperplane: no precomputed pair
-            return {}
-        normal, offset = pair.normal, pair.offset
-        key = f"contrast/{a}_{b}"
-        tensors[f"{key}/basis"] = pair.basis
-        tensors[f"{key}/normal"] = normal
-        tensors[f"{key}/offset"] = np.asarray([offset], np.float32)
-        head = (torch.from_numpy(hw), torch.from_numpy(hb)) if hw is not None else self.model.torch_head
-        base = float(np.mean(softmax(logits_of(feats_b, hw, hb, hfn))[:, a]))
-        best = shift_test(torch.from_numpy(feats_b), torch.from_numpy(np.asarray(normal, np.float32)), offset,
-                          head, a)
-        return {"pairs": [{"target": a, "target_name": self.model.class_names[a], "source": b,
-                           "source_name": self.model.class_names[b], "baseline_probability": base,
-                           "max_probability": float(best)}]}
-
     # ---- stage 3: merge ------------------------------------------------------------------------
     def merge(self) -> Path:
         return merge_bundle([self.work], Path(self.cfg.out), self)
-
-
-def class_flags(metrics: dict, images: int, min_images: int) -> list[str]:
-    """Evaluation flags the service passes on: reasons not to trust a class's explanation."""
-    flags = []
-    if metrics.get("stitched") and metrics["stitched"].get("pass") is False:
-        flags.append("failed_stitched_prototype_test")
-    for pair in (metrics.get("shift") or {}).get("pairs", []):
-        if pair["max_probability"] < 0.5:
-            flags.append("failed_hyperplane_shift_test")
-    ho = metrics.get("held_out") or metrics.get("train") or {}
-    if ho.get("ice_fidelity", 0.0) > 0.3:
-        flags.append("low_fidelity")
-    if ho.get("top1_agreement", 1.0) < 0.8:
-        flags.append("low_top1_agreement")
-    if not metrics.get("held_out"):
-        flags.append("no_held_out_images")
-    return flags
 
 
 def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Path:

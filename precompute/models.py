@@ -31,16 +31,13 @@ import numpy as np
 from ..service.bundle import sha256_file
 from ..service.head import Head
 from ..service.manifest import HeadCard, ManifestError, ModelCard, Preprocessing
+from .model_errors import ModelError
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCE_KINDS = ("efficientnet-lite0", "torchvision:NAME", "timm:NAME", "onnx:PATH", "torchscript:PATH")
-
-
-class ModelError(ValueError):
-    """Unknown model, unreadable weights, a layer that cannot be explained, or bad labels."""
 
 
 @dataclass

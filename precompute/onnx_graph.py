@@ -26,7 +26,7 @@ import onnx.shape_inference
 import onnx.utils
 from onnx import helper
 
-from .models import ModelError  # models.py does not import this module at import time
+from .model_errors import ModelError
 
 __all__ = [
     "ModelError", "load_onnx", "find_layer", "layer_name", "two_output_model", "head_model",

@@ -20,14 +20,11 @@ through the served projection, so the held-out images stay untouched for the rep
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from .evaluate import evaluate_class, served_codes, single_class_explainer
-
-if TYPE_CHECKING:
-    from .class_pipeline import ClassData, ClassPipeline
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +42,41 @@ ACCURACY_GUARD = 0.02
 BASE_LEARNER = {True: "seminmf", False: "nmf"}  # by signed activations
 
 
-def select(pipe: "ClassPipeline", data: "ClassData"):
-    """(fitted learner, selection record) for the class: k and lambda as configured or chosen."""
+class ClassData(Protocol):
+    """What selection reads of a class's images (precompute/class_pipeline.py's ClassData)."""
+
+    cls: int
+    train_feats: np.ndarray  # (N, C, H, W)
+
+
+class ClassPipeline(Protocol):
+    """What selection needs of the per-class steps: the settings, the head and the fits (it never
+    imports the pipeline: imports flow job -> class_pipeline -> selection -> learners)."""
+
+    cfg: Any
+    method: str
+    signed: bool
+    params: Any  # LearnerParams
+    model: Any
+    hw: np.ndarray | None
+    hb: np.ndarray | None
+    hfn: Any
+
+    def fit_learner(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None,
+                    method: str | None = None): ...
+
+    def fit_basis(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None,
+                  method: str | None = None) -> np.ndarray: ...
+
+
+def select(pipe: ClassPipeline, data: ClassData) -> tuple[Any, dict, dict]:
+    """(fitted learner, selection record, the parameters chosen for the class) for the class: k and
+    lambda as configured or chosen."""
     cfg = pipe.cfg
     auto_k = str(cfg.concepts) == "auto"
-    auto_lambda = pipe.job.method == "face" and str(cfg.method_params.get("face_lambda", 1.0)) == "auto"
+    auto_lambda = "face_lambda" in pipe.params.auto
     if not auto_k and not auto_lambda:
-        return pipe.fit_learner(data.cls, data.train_feats, int(cfg.concepts)), {}
+        return pipe.fit_learner(data.cls, data.train_feats, int(cfg.concepts)), {}, {}
     fit_part, val_part = validation_split(data, cfg.seed)
     record: dict = {}
     k = int(cfg.concepts) if not auto_k else choose_k(pipe, data, fit_part, val_part, record)
@@ -64,10 +89,10 @@ def select(pipe: "ClassPipeline", data: "ClassData"):
         if merged:
             record["merged"] = merged
             record["k_after_merge"] = int(learner.components_.shape[0])
-    return learner, record
+    return learner, record, params
 
 
-def validation_split(data: "ClassData", seed: int) -> tuple[np.ndarray, np.ndarray]:
+def validation_split(data: ClassData, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(fit, validation) feature maps: a seeded quarter of the training images for validation."""
     feats = data.train_feats
     if len(feats) < 8:
@@ -77,7 +102,7 @@ def validation_split(data: "ClassData", seed: int) -> tuple[np.ndarray, np.ndarr
     return feats[order[n_val:]], feats[order[:n_val]]
 
 
-def _score(pipe: "ClassPipeline", cls: int, basis: np.ndarray, feats: np.ndarray, method: str) -> dict:
+def _score(pipe: ClassPipeline, cls: int, basis: np.ndarray, feats: np.ndarray, method: str) -> dict:
     """Validation metrics of ``basis`` through the served projection."""
     anchor = None if pipe.hw is not None else feats.mean(axis=0)  # see service.head
     weights = pipe.model.head.concept_weights(basis, cls, anchor=anchor)
@@ -86,11 +111,11 @@ def _score(pipe: "ClassPipeline", cls: int, basis: np.ndarray, feats: np.ndarray
     return evaluate_class(ex, cls, feats, pipe.hw, pipe.hb, pipe.hfn)
 
 
-def _base_basis(pipe: "ClassPipeline", cls: int, feats: np.ndarray, k: int) -> np.ndarray:
-    return pipe.fit_basis(cls, feats, k, method=BASE_LEARNER[bool(pipe.job.signed)])
+def _base_basis(pipe: ClassPipeline, cls: int, feats: np.ndarray, k: int) -> np.ndarray:
+    return pipe.fit_basis(cls, feats, k, method=BASE_LEARNER[bool(pipe.signed)])
 
 
-def choose_k(pipe: "ClassPipeline", data: "ClassData", fit_part: np.ndarray, val_part: np.ndarray,
+def choose_k(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_part: np.ndarray,
              record: dict) -> int:
     """k by validation fidelity and stability with the parsimony rule (module docstring)."""
     from .checks import matched_cosine
@@ -116,7 +141,7 @@ def choose_k(pipe: "ClassPipeline", data: "ClassData", fit_part: np.ndarray, val
     return chosen
 
 
-def choose_lambda(pipe: "ClassPipeline", data: "ClassData", fit_part: np.ndarray, val_part: np.ndarray, k: int,
+def choose_lambda(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_part: np.ndarray, k: int,
                   record: dict) -> float:
     """FACE's lambda by validation fidelity, guarded by accuracy on reconstructions (module docstring)."""
     rows = []
@@ -132,7 +157,7 @@ def choose_lambda(pipe: "ClassPipeline", data: "ClassData", fit_part: np.ndarray
     return float(chosen)
 
 
-def merge_split_concepts(learner, pipe: "ClassPipeline", data: "ClassData") -> list[list[int]]:
+def merge_split_concepts(learner, pipe: ClassPipeline, data: ClassData) -> list[list[int]]:
     """Merge concepts that are one direction seen at different places (module docstring), in place
     on ``learner.components_``; returns the merged pairs (indices in the basis before each merge)."""
     import torch
@@ -156,7 +181,7 @@ def merge_split_concepts(learner, pipe: "ClassPipeline", data: "ClassData") -> l
         merged.append([int(i), int(j)])
 
 
-def _codes(pipe: "ClassPipeline", data: "ClassData", basis: np.ndarray) -> np.ndarray:
+def _codes(pipe: ClassPipeline, data: ClassData, basis: np.ndarray) -> np.ndarray:
     ex = single_class_explainer(pipe.model.class_names, data.cls, basis, np.zeros(len(basis), np.float32),
                                 pipe.hw, pipe.hb, pipe.hfn, "nmf", None if pipe.hw is not None else
                                 data.train_feats.mean(axis=0))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conceptlens.precompute.class_pipeline import ClassData
+from conceptlens.precompute.learner_params import resolve_learner_params
 from conceptlens.precompute.selection import K_RANGE, choose_k, merge_split_concepts, select, split_pair
 from conceptlens.service.head import Head
 
@@ -29,14 +30,15 @@ def planted_feats(parts: int, n: int = 80, seed: int = 0) -> tuple[np.ndarray, n
     return v.reshape(n, H, W, C).transpose(0, 3, 1, 2).astype(np.float32), dirs
 
 
-def fake_pipeline(concepts="auto", method="nmf"):
+def fake_pipeline(concepts="auto", method="nmf", method_params=None):
     """Just what selection needs of a ClassPipeline: settings, a linear head, the base learner."""
     rng = np.random.default_rng(1)
     w, b = rng.standard_normal((3, C)).astype(np.float32), np.zeros(3, np.float32)
-    cfg = SimpleNamespace(concepts=concepts, seed=0, nmf_max_iter=200, nmf_tol=1e-4, method_params={})
-    job = SimpleNamespace(signed=False, device=torch.device("cpu"), method=method)
+    cfg = SimpleNamespace(concepts=concepts, seed=0, nmf_max_iter=200, nmf_tol=1e-4,
+                          method_params=dict(method_params or {}))
     model = SimpleNamespace(head=Head(weight=w, bias=b), class_names=["a", "b", "c"])
-    pipe = SimpleNamespace(cfg=cfg, job=job, model=model, hw=w, hb=b, hfn=None)
+    pipe = SimpleNamespace(cfg=cfg, method=method, signed=False, params=resolve_learner_params(method, cfg.method_params),
+                           model=model, hw=w, hb=b, hfn=None)
 
     def fit_learner(cls, feats, k, params=None, learner=None):
         from conceptlens.precompute.fit import fit_learner as fl
@@ -115,8 +117,8 @@ def test_merge_joins_a_part_split_by_position():
 
 def test_fixed_k_fits_once_without_selection():
     feats, _ = planted_feats(2)
-    learner, record = select(fake_pipeline(concepts=4), class_data(feats))
-    assert learner.components_.shape == (4, C) and record == {}
+    learner, record, chosen = select(fake_pipeline(concepts=4), class_data(feats))
+    assert learner.components_.shape == (4, C) and record == {} and chosen == {}
 
 
 def test_the_report_shows_the_sweep_and_the_choice():
@@ -134,9 +136,8 @@ def test_face_lambda_is_chosen_by_validation_fidelity_within_the_accuracy_guard(
     from conceptlens.precompute.selection import ACCURACY_GUARD, LAMBDAS, select
 
     feats, _ = planted_feats(4, n=40)
-    pipe = fake_pipeline(concepts=5, method="face")
-    pipe.cfg.method_params = {"face_lambda": "auto"}
-    learner, record = select(pipe, class_data(feats))
+    pipe = fake_pipeline(concepts=5, method="face", method_params={"face_lambda": "auto"})
+    learner, record, chosen_params = select(pipe, class_data(feats))
     rows = record["lambda"]["sweep"]
     assert [r["lambda"] for r in rows] == list(LAMBDAS) and learner.components_.shape == (5, C)
     floor = rows[0]["val_top1_agreement"] - ACCURACY_GUARD
@@ -146,3 +147,4 @@ def test_face_lambda_is_chosen_by_validation_fidelity_within_the_accuracy_guard(
     assert next(r for r in rows if r["lambda"] == chosen)["val_ice_fidelity"] == min(
         r["val_ice_fidelity"] for r in allowed)
     assert "k" not in record  # k was given: only lambda was chosen
+    assert chosen_params == {"face_lambda": chosen} and isinstance(chosen_params["face_lambda"], float)
