@@ -23,7 +23,6 @@ from PIL import Image
 
 from ..service.explain import Explainer, softmax
 from .evaluate import served_codes
-from .prototypes import CropPool, crop_jpeg, top_crops
 
 
 def gini(x: np.ndarray) -> float:
@@ -132,26 +131,38 @@ def stitch(crops: list[bytes], size: int) -> Image.Image:
     return canvas
 
 
-def stitched_test(pool: CropPool, scores: np.ndarray, cid: int, forward, normalize: Callable, size: int,
-                  class_names: list[str]) -> dict:
-    """Model prediction on the stitched top crops, with and without crops of images predicted as ``cid``.
+STITCH_CONCEPTS = 4  # the paper's n: the class's 4 most important concepts, one top crop each
 
-    ``scores``: the pool's :func:`~.prototypes.crop_scores` for the class's concepts."""
 
-    out = {}
-    for label, exclude in (("", None), ("_excluding_class", cid)):
-        picks = top_crops(pool, scores, 1, exclude_class=exclude)
-        crops = [crop_jpeg(pool.records[pool.image[p[0]]], pool.boxes[p[0]]) for p in picks if p]
-        if not crops:
+def stitched_test(mined: dict, importance_order: list[int], crop_bytes: Callable, cid: int, forward,
+                  normalize: Callable, size: int, class_names: list[str], ranking: str,
+                  n: int = STITCH_CONCEPTS) -> dict:
+    """Herdt & Otero Baguer's test: the top crop of each of the class's ``n`` most important concepts
+    (``importance_order``: concept indices, most important first) stitched into one image, which the
+    model should classify as ``cid``; both variants: crops from any pool image (``pass``), and only
+    from images the model does not predict as ``cid`` (``pass_excluding_class``).
+
+    ``mined``: :func:`.prototypes.mine`'s (ranking, exclude) -> [concept][rank] crops; every ranking
+    in it is tested (``by_ranking``), ``ranking``'s result is the unsuffixed keys.
+    ``crop_bytes(crop) -> JPEG bytes``."""
+    concepts = list(importance_order)[:n]
+    by_ranking: dict[str, dict] = {}
+    for (rank_name, exclude), per_concept in mined.items():
+        label = "_excluding_class" if exclude else ""
+        picks = [per_concept[j][0] for j in concepts if per_concept[j]]
+        if not picks:
             continue
-        x = normalize(stitch(crops, size))[None]
+        x = normalize(stitch([crop_bytes(p) for p in picks], size))[None]
         _, logits = forward(np.ascontiguousarray(x))
         probs = softmax(logits[0])
         pred = int(logits[0].argmax())
-        out[f"pass{label}"] = pred == cid
-        out[f"predicted{label}"] = pred
-        out[f"predicted_name{label}"] = class_names[pred]
-        out[f"probability{label}"] = float(probs[cid])
+        r = by_ranking.setdefault(rank_name, {"concepts": [int(j) for j in concepts]})
+        r[f"pass{label}"] = pred == cid
+        r[f"predicted{label}"] = pred
+        r[f"predicted_name{label}"] = class_names[pred]
+        r[f"probability{label}"] = float(probs[cid])
+    out = dict(by_ranking.get(ranking, {}))
+    out.update({"ranking": ranking, "n": n, "by_ranking": by_ranking})
     return out
 
 

@@ -24,7 +24,7 @@ from .evaluate import evaluate_class, logits_of, served_codes, single_class_expl
 from .features import Record
 from .learner_params import LearnerParams
 from .model_access import ModelAccess
-from .prototypes import CropPool, cosine_scores, crop_jpeg, crop_scores, top_crops
+from .prototypes import DEFAULT_RANKING, crop_jpeg, mine
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,10 @@ class ClassPipeline:
     """The per-class steps of one job (its model, head, data pool, learner and settings)."""
 
     def __init__(self, access: ModelAccess, settings: LearnSettings, records: dict[int, list[Record]],
-                 pool: CropPool | None):
+                 pool=None, prototype_ranking: str = DEFAULT_RANKING):
         self.access, self.settings, self.cfg, self.model = access, settings, settings.cfg, access.model
         self.method, self.signed, self.params = settings.method, settings.signed, settings.params
-        self.records, self.pool = records, pool
+        self.records, self.pool, self.prototype_ranking = records, pool, prototype_ranking
         self.hw, self.hb, self.hfn = access.head()
 
     # --- steps ---
@@ -166,26 +166,35 @@ class ClassPipeline:
     def curves_split(data: ClassData) -> str:
         return "held_out" if len(data.held) else "train"
 
-    def prototypes(self, data: ClassData, fit: ClassFit) -> tuple[dict, list[list[dict]], dict[str, np.ndarray]]:
-        """(the stitched-prototype test, the prototypes' manifest entries, their JPEG tensors)."""
+    def prototypes(self, data: ClassData, fit: ClassFit, metrics: dict
+                   ) -> tuple[dict, list[list[dict]], dict[str, np.ndarray]]:
+        """(the stitched-prototype test, the prototypes' manifest entries, their JPEG tensors), mined
+        in one streamed pass over the pool for both rankings and both variants (:mod:`.prototypes`)."""
         from ..service.preprocess import normalize
         from .checks import stitched_test
+        from .windows import window_boxes
 
         cfg, pool, pre = self.cfg, self.pool, self.model.preprocessing
-        scores = crop_scores(pool, fit.basis)  # (n_crops, k), shared by the stitched test and prototypes
-        stitched = stitched_test(pool, scores, data.cls, self.access.forward(), lambda im: normalize(im, pre),
-                                 pre.crop, self.model.class_names)
-        crops = top_crops(pool, scores, cfg.prototypes, exclude_class=data.cls if cfg.prototypes_exclude_class else None)
-        cosines = cosine_scores(scores, crops)
+        ranking = self.prototype_ranking
+        mined = mine(pool, fit.basis, max(1, cfg.prototypes), data.cls)
+        h, w = data.feats.shape[2:]
+        boxes = window_boxes(h, w, cfg.prototype_cells, pre.crop)
+
+        def crop_bytes(crop) -> bytes:
+            return crop_jpeg(pool.view_jpeg(crop.ref), boxes[crop.window])
+
+        imp = np.asarray(metrics[self.curves_split(data)].get("importance") or fit.weights, np.float64)
+        order = [int(j) for j in np.argsort(-imp, kind="stable")]
+        stitched = stitched_test(mined, order, crop_bytes, data.cls, self.access.forward(),
+                                 lambda im: normalize(im, pre), pre.crop, self.model.class_names, ranking)
         protos, tensors = [], {}
-        for j, idxs in enumerate(crops):
+        for j, crops in enumerate(mined[(ranking, bool(cfg.prototypes_exclude_class))]):
             concept = []
-            for r, idx in enumerate(idxs):
-                rec = pool.records[pool.image[idx]]
-                box = [int(v) for v in pool.boxes[idx]]
-                tensors[f"proto/{j}/{r}"] = np.frombuffer(crop_jpeg(rec, box), dtype=np.uint8)
-                concept.append({"source": rec.key, "box": box, "score": cosines[j][r],
-                                "source_predicted": rec.predicted})
+            for r, crop in enumerate(crops[:cfg.prototypes]):
+                box = [int(v) for v in boxes[crop.window]]
+                tensors[f"proto/{j}/{r}"] = np.frombuffer(crop_bytes(crop), dtype=np.uint8)
+                concept.append({"source": crop.ref.key, "box": box, "score": crop.score, "cosine": crop.cosine,
+                                "ranking": ranking, "source_predicted": crop.ref.predicted})
             protos.append(concept)
         return stitched, protos, tensors
 
@@ -208,7 +217,9 @@ class ClassPipeline:
                                 reference=self.access.deeplift_reference())
         tensors = {"samples": px.astype(np.float16)}
         logits = logits_of(data.feats, self.hw, self.hb, self.hfn)
-        other = most_confused(logits, cls, {c for c, r in self.records.items() if len(r) >= 2} - {cls})
+        sizes = {c: (self.records.count(c) if hasattr(self.records, "count") else len(self.records[c]))
+                 for c in self.records}
+        other = most_confused(logits, cls, {c for c, n in sizes.items() if n >= 2} - {cls})
         if other is None or len(px) < len(fit.basis):
             return {}, tensors
         return self.contrast_pair(cls, other, px, self.records[other], head, tensors, len(fit.basis)), tensors
@@ -265,7 +276,7 @@ class ClassPipeline:
         data = self.split(cls)
         fit = self.fit(data)
         metrics, codes = self.evaluate(data, fit)
-        metrics["stitched"], protos, proto_tensors = self.prototypes(data, fit)
+        metrics["stitched"], protos, proto_tensors = self.prototypes(data, fit, metrics)
         tensors = {"basis": fit.basis.astype(np.float32), "weights": fit.weights.astype(np.float32)}
         if fit.anchor is not None:
             tensors["anchor"] = fit.anchor.astype(np.float32)

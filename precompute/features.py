@@ -165,20 +165,26 @@ def extract(dataset: Dataset, forward: Forward, preprocessing: Preprocessing, *,
     return result
 
 
-def save_part(path: Path, result: ExtractResult, config_hash: str) -> None:
-    """Write one extraction part as a single safetensors file (atomic)."""
+def save_part(path: Path, result: ExtractResult, config_hash: str, cells: int = 2) -> None:
+    """Write one extraction part as a single safetensors file (atomic): per class the feature maps
+    ``feat/<cls>``, the crop windows' mean activations ``win/<cls>`` (prototype mining's pool, see
+    :mod:`.windows`) and the views ``jpeg/<cls>/<j>``; read per class by :mod:`.feature_store`."""
     from safetensors.numpy import save
 
     from ..service.bundle import atomic_write_bytes
+    from .windows import window_means
 
     tensors: dict[str, np.ndarray] = {}
     info: dict = {"config_hash": config_hash, "processed": result.processed, "skipped": result.skipped,
                   "skipped_keys": result.skipped_keys, "classes": {}}
     for cls, res in result.reservoirs.items():
-        tensors[f"feat/{cls}"] = np.stack([r.features for r in res.items])
+        feats = np.stack([r.features for r in res.items])
+        tensors[f"feat/{cls}"] = feats
+        tensors[f"win/{cls}"] = np.concatenate([window_means(feats[i:i + 256], cells)
+                                                for i in range(0, len(feats), 256)]).astype(np.float16)
         for j, r in enumerate(res.items):
             tensors[f"jpeg/{cls}/{j}"] = np.frombuffer(r.view_jpeg, dtype=np.uint8)
-        info["classes"][str(cls)] = {"seen": res.seen, "keys": [r.key for r in res.items],
+        info["classes"][str(cls)] = {"seen": res.seen, "min": float(feats.min()), "keys": [r.key for r in res.items],
                                      "predicted": [r.predicted for r in res.items],
                                      "labels": [r.label for r in res.items]}
     atomic_write_bytes(path, save(tensors, metadata={"info": json.dumps(info)}))
@@ -203,7 +209,7 @@ def load_part(path: Path) -> tuple[dict, dict[int, list[Record]]]:
     from safetensors.numpy import load
 
     data = path.read_bytes()
-    tensors, info = load(data), safetensors_info(data)
+    tensors, info = load(data), safetensors_info(data)  # noqa: the whole part: tests and tools only
     out: dict[int, list[Record]] = {}
     for key, c in info["classes"].items():
         cls = int(key)

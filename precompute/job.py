@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,9 +26,9 @@ from .config import AUTO_METHOD, NEEDS_NON_NEGATIVE, JobError, PrecomputeConfig,
 from .datasets import Dataset, open_dataset
 from .learner_params import LearnerParamsError, resolve_learner_params
 from .model_access import ModelAccess, resolve_torch_device
-from .features import Progress, Record, extract, load_part, safetensors_info, save_part
+from .feature_store import FeatureStore
+from .features import Progress, Record, extract, safetensors_info, save_part
 from .models import PreprocessingOverrides, SplitModel, load_model
-from .prototypes import CropPool
 
 log = logging.getLogger(__name__)
 
@@ -149,43 +148,30 @@ class Job:
                       batch_size=self.cfg.batch_size, max_per_class=self.cfg.max_images, seed=self.cfg.seed)
         if res.processed == 0:
             raise JobError(f"no usable image in {self.cfg.data} (shard {i}/{n}); {res.skipped} could not be read")
-        save_part(path, res, self.hash)
+        save_part(path, res, self.hash, cells=self.cfg.prototype_cells)
         log.info("extract: %d images, %d skipped, %d classes -> %s", res.processed, res.skipped,
                  len(res.reservoirs), path)
         return path
 
     # ---- stage 2: per-class learning -----------------------------------------------------------
-    def load_records(self) -> tuple[dict[int, list[Record]], dict]:
-        """All extraction parts merged: class -> records (bounded by max_images), and totals."""
+    def load_records(self) -> tuple[FeatureStore, dict]:
+        """All extraction parts as one store: class -> records (bounded by max_images), read from disk
+        per class on access (:mod:`.feature_store`), and totals."""
         n = self.cfg.shard[1]
         parts = sorted((self.work / "features").glob(f"part-*-of-{n:05d}.safetensors"))
         if len(parts) != n:
             missing = [i for i in range(n) if not self.part_path(i, n).is_file()]
             raise JobError(f"extraction parts missing for data shards {missing} of {n}: run "
                            f"`conceptlens precompute --stage extract --shard I/{n}` for them first")
-        merged: dict[int, list[Record]] = {}
-        seen: dict[int, int] = {}
-        totals = {"processed": 0, "skipped": 0, "skipped_keys": []}
-        for p in parts:
-            info, recs = load_part(p)
+        store = FeatureStore(parts, self.cfg.max_images, self.cfg.seed)  # headers only: a class is read when learned
+        for p, info in zip(parts, store.infos):
             if info["config_hash"] != self.hash:
                 raise JobError(f"{p} was written by a run with another configuration")
-            totals["processed"] += info["processed"]
-            totals["skipped"] += info["skipped"]
-            totals["skipped_keys"] += info["skipped_keys"]
-            for cls, rs in recs.items():
-                merged.setdefault(cls, []).extend(rs)
-                seen[cls] = seen.get(cls, 0) + info["classes"][str(cls)]["seen"]
-        rng = random.Random(self.cfg.seed)
-        for cls, rs in merged.items():
-            rs.sort(key=lambda r: r.key)
-            if len(rs) > self.cfg.max_images:
-                merged[cls] = sorted(rng.sample(rs, self.cfg.max_images), key=lambda r: r.key)
-        totals["seen"] = seen
-        return merged, totals
+        return store, store.totals
 
-    def eligible_classes(self, records: dict[int, list[Record]]) -> list[int]:
+    def eligible_classes(self, records) -> list[int]:
         names = self.model.class_names
+        size = records.count if hasattr(records, "count") else (lambda c: len(records[c]))
         wanted = None
         if self.cfg.classes:
             wanted = set()
@@ -198,10 +184,10 @@ class Job:
         for cls in sorted(records):
             if wanted is not None and cls not in wanted:
                 continue
-            (out if len(records[cls]) >= self.cfg.min_images else small).append(cls)
+            (out if size(cls) >= self.cfg.min_images else small).append(cls)
         if small:
-            small.sort(key=lambda c: -len(records[c]))
-            listed = ", ".join(f"{c} ({names[c]}): {len(records[c])}" for c in small[:8])
+            small.sort(key=lambda c: -size(c))
+            listed = ", ".join(f"{c} ({names[c]}): {size(c)}" for c in small[:8])
             log.warning("%d classes have < --min-images %d images: skipped; the largest: %s%s",
                         len(small), self.cfg.min_images, listed,
                         ", ..." if len(small) > 8 else "")
@@ -210,7 +196,7 @@ class Job:
                 log.warning("class %d (%s) has no images in the data: skipped", cls, names[cls])
         if not out:
             raise JobError(f"no class has at least --min-images {self.cfg.min_images} images "
-                           f"(largest: {max((len(v) for v in records.values()), default=0)}); "
+                           f"(largest: {max((size(c) for c in records), default=0)}); "
                            f"add data or lower --min-images")
         return out
 
@@ -227,30 +213,31 @@ class Job:
                      len(classes) - len(todo), len(classes), i, n)
         if not todo:
             return []
-        pool = CropPool.build([r for rs in records.values() for r in rs], cells=self.cfg.prototype_cells,
-                              view_size=self.model.preprocessing.crop)
+        pool = records  # the crop pool: every kept image's windows, streamed part by part while mining
         progress = Progress("learn classes", total=len(todo), every=0)
         pipeline = self.pipeline(records, pool)
         for cls in todo:
             t0 = time.perf_counter()
-            self._learn_class(pipeline, cls, totals["seen"].get(cls, len(records[cls])))
+            self._learn_class(pipeline, cls, totals["seen"].get(cls, records.count(cls)))
             progress.update(1, extra=f"class {cls} ({self.model.class_names[cls]}) in "
                                      f"{time.perf_counter() - t0:.1f} s")
         return todo
 
-    def pipeline(self, records: dict[int, list[Record]], pool: CropPool | None) -> ClassPipeline:
+    def pipeline(self, records, pool=None) -> ClassPipeline:
         """The per-class steps for this job's learner (``self.method``, from :meth:`resolve_method`), its
         parameters typed once here: ``auto`` ones are chosen per class, never passed to a learner."""
         try:
             params = resolve_learner_params(self.method, self.cfg.method_params)
         except LearnerParamsError as e:
             raise JobError(str(e)) from None
-        return ClassPipeline(self.access, LearnSettings(self.cfg, self.method, self.signed, params), records, pool)
+        return ClassPipeline(self.access, LearnSettings(self.cfg, self.method, self.signed, params), records, pool,
+                             prototype_ranking=self.cfg.prototype_ranking)
 
     def resolve_method(self, records: dict[int, list[Record]]) -> str:
         """The learner for this layer: ``auto`` picks seminmf where activations are signed, nmf else;
         a learner that needs non-negative activations is refused on a signed layer."""
-        low = min((float(r.features.min()) for rs in records.values() for r in rs), default=0.0)
+        low = records.min_activation() if hasattr(records, "min_activation") else min(
+            (float(r.features.min()) for rs in records.values() for r in rs), default=0.0)
         self.signed = low < 0
         method = self.cfg.method
         if method == AUTO_METHOD:

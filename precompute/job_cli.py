@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", type=float, default=0.2, help="share of each class's images kept for evaluation")
     p.add_argument("--prototypes", type=int, default=5, help="prototype crops per concept")
     p.add_argument("--prototype-cells", type=int, default=2, help="crop window in feature-map cells")
+    p.add_argument("--prototype-ranking", choices=("code", "cosine"), default="code",
+                   help="how a concept's crops are ranked: code (its served NNLS code in the crop, the default: "
+                        "passes the stitched test more often) or cosine (Herdt & Otero Baguer's cosine similarity)")
     p.add_argument("--prototypes-exclude-class", action="store_true",
                    help="mine prototypes only from images not predicted as the class")
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +103,7 @@ def config_from_args(args: argparse.Namespace):
         group_by=args.group_by, method=args.method, concepts=args.concepts, classes=args.classes,
         min_images=args.min_images, max_images=args.max_images, held_out=args.held_out,
         prototypes=args.prototypes, prototype_cells=args.prototype_cells,
-        prototypes_exclude_class=args.prototypes_exclude_class, seed=args.seed, nmf_max_iter=args.nmf_max_iter,
+        prototypes_exclude_class=args.prototypes_exclude_class, prototype_ranking=args.prototype_ranking, seed=args.seed, nmf_max_iter=args.nmf_max_iter,
         nmf_tol=args.nmf_tol, stability_folds=args.stability_folds, contrast_samples=args.contrast_samples,
         examples=args.examples, method_params={"face_lambda": args.face_lambda} if args.method == "face" else {},
         importance=args.importance, attribution=args.attribution,

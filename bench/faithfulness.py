@@ -1,0 +1,226 @@
+"""One faithfulness benchmark: a table per data set and method, from real precompute runs.
+
+Data sets (``--datasets``):
+- ``fashion``: the README demo's model (EfficientNet-Lite0 with a linear head fine-tuned on
+  Fashion-MNIST, service/demo.py), its images grouped by label;
+- ``cifar``: EfficientNet-Lite0's ImageNet head over CIFAR-10 training images, grouped by prediction;
+- ``imagenet``: the paper's setting: ImageNet images (../shared/data/imagenet-samples, 8 flipped
+  and shifted crops of the one sample per class) of every tenth class (100 classes, as the paper's
+  Table 1/2), grouped by label.
+
+Each method runs ``conceptlens precompute``'s job with its defaults (``--concepts auto``, FACE's
+``--face-lambda auto``) and the columns are read from the bundle's evaluation (held-out images,
+scored through the served projection):
+
+- ICE fidelity: mean over held-out images of |logit - reconstructed logit| summed over classes /
+  |logit| summed (relative L1; lower is better);
+- C-Del, C-Ins, C-Gini with FACE's definitions: concepts ordered by CRAFT's Sobol total-order
+  importance; accuracy = share of held-out images whose argmax on the reconstruction (codes with
+  the top-i concepts zeroed, or only they kept) is the class; C-Del = sum_i (acc_0 - acc_i)/(k+1)
+  over i = 0..k, C-Ins = mean over i = 1..k of the insertion accuracy, C-Gini = Gini of the Sobol
+  importances; per class, then the mean over classes;
+- stitched: share of classes passing Herdt & Otero Baguer's test (top crop of each of the 4 most
+  important concepts, stitched), allowing / excluding crops of images predicted as the class, for
+  each prototype ranking (``code``: the served NNLS code, ``cosine``: the paper's);
+- shift: mean over classes of the hyperplane shifting test's max p(target) on the most confused class.
+
+A PNG figure of the mean deletion / insertion curves per method (``--plot``).
+
+    python bench/faithfulness.py [--datasets fashion,cifar,imagenet] [--methods nmf,face,attribution,directions]
+                                 [--plot faithfulness.png]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import CACHE, DATA  # noqa: E402
+
+METHODS = ("nmf", "face", "attribution", "directions")
+
+
+def cifar_shard(n: int) -> Path:
+    dest = CACHE / f"faith-cifar-{n}.tar"
+    if not dest.is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".tmp")
+        with tarfile.open(DATA / "cifar10" / "train-000.tar.gz") as tin, tarfile.open(tmp, "w") as tout:
+            index: dict[str, int] = {}
+            for m in tin:
+                if index.setdefault(m.name.split(".", 1)[0], len(index)) >= n:
+                    break
+                tout.addfile(m, tin.extractfile(m))
+        tmp.rename(dest)
+    return dest
+
+
+def imagenet_folder(every: int, per_class: int = 8) -> Path:
+    """ImageFolder ``<class index>/<i>.jpg``: ``per_class`` flipped and shifted 224-px crops of the one
+    sample of every ``every``-th class."""
+    from PIL import Image, ImageOps
+
+    root = CACHE / f"faith-imagenet-every{every}-x{per_class}"
+    if root.is_dir():
+        return root
+    tmp = root.with_suffix(".tmp")
+    files = sorted((DATA / "imagenet-samples").glob("*.jpg"))
+    for f in files:
+        idx = int(f.name.split("_")[0])
+        if idx % every:
+            continue
+        img = Image.open(f).convert("RGB")
+        w, h = img.size
+        d = tmp / str(idx)
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            dx, dy = [(0, 0), (16, 0), (0, 16), (16, 16)][i % 4]
+            x0 = max(0, min(w - 224, (w - 224) // 2 + dx - 8))
+            y0 = max(0, min(h - 224, (h - 224) // 2 + dy - 8))
+            crop = img.crop((x0, y0, x0 + min(224, w), y0 + min(224, h)))
+            if i >= 4:
+                crop = ImageOps.mirror(crop)
+            crop.save(d / f"{i}.jpg", quality=92)
+    tmp.rename(root)
+    return root
+
+
+def dataset_config(name: str, work: Path) -> dict:
+    if name == "cifar":
+        return dict(model="efficientnet-lite0", data=str(cifar_shard(1500)), group_by="predicted", min_images=30,
+                    max_images=120)
+    if name == "imagenet":
+        return dict(model="efficientnet-lite0", data=str(imagenet_folder(10)), group_by="label", min_images=5,
+                    max_images=8)
+    if name == "fashion":
+        from conceptlens.service.demo import fine_tune_head, write_fashion_shard
+
+        d = work / "fashion"
+        d.mkdir(parents=True, exist_ok=True)
+        data = d / "data" / "fashion-train.tar"
+        if not data.is_file():
+            data = write_fashion_shard(d / "data", 1500)
+        weights, labels = d / "fashion-lite0.pth", d / "labels.txt"
+        if not weights.is_file():
+            weights, labels, _ = fine_tune_head(data, d)
+        return dict(model="efficientnet-lite0", weights=str(weights), labels=str(labels), data=str(data),
+                    group_by="label", min_images=25, max_images=150)
+    raise SystemExit(f"unknown data set {name!r}")
+
+
+def run_method(dataset: str, method: str, base: dict, work: Path, ranking: str) -> tuple[dict, float]:
+    from conceptlens.precompute.job import PrecomputeConfig, run
+
+    tag = f"{dataset}-{method}-{ranking}"
+    out = work / "bundles" / tag
+    params = {"face_lambda": "auto"} if method == "face" else {}
+    cfg = PrecomputeConfig(**base, out=str(out), work=str(work / "work" / tag), method=method, method_params=params,
+                           device="cpu", prototype_ranking=ranking, examples=0)
+    t = time.perf_counter()
+    if not (out / "manifest.json").is_file():
+        run(cfg)
+    return json.loads((out / "manifest.json").read_text()), time.perf_counter() - t
+
+
+def summarize(manifest: dict) -> dict:
+    rows = []
+    for entry in manifest["classes"].values():
+        m = entry["metrics"]
+        ho = m.get("held_out") or m.get("train")
+        st = m.get("stitched") or {}
+        row = {"ice_fidelity": ho.get("ice_fidelity"), "c_del": ho.get("c_del_sobol"), "c_ins": ho.get("c_ins_sobol"),
+               "c_gini": ho.get("gini_sobol"), "k": entry["k"],
+               "del_curve": ho.get("deletion_curve_sobol"), "ins_curve": ho.get("insertion_curve_sobol")}
+        for r, res in (st.get("by_ranking") or {}).items():
+            row[f"stitched_{r}"] = res.get("pass")
+            row[f"stitched_{r}_excl"] = res.get("pass_excluding_class")
+        pairs = (m.get("shift") or {}).get("pairs") or []
+        row["shift"] = pairs[0]["max_probability"] if pairs else None
+        rows.append(row)
+
+    def mean(key):
+        vals = [float(r[key]) for r in rows if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else float("nan")
+    out = {key: mean(key) for key in ("ice_fidelity", "c_del", "c_ins", "c_gini", "k", "shift",
+                                      "stitched_code", "stitched_code_excl", "stitched_cosine", "stitched_cosine_excl")}
+    out["classes"] = len(rows)
+    out["curves"] = [r["del_curve"] for r in rows if r["del_curve"]], [r["ins_curve"] for r in rows if r["ins_curve"]]
+    return out
+
+
+COLUMNS = (("ice_fidelity", "ICE fid."), ("c_del", "C-Del"), ("c_ins", "C-Ins"), ("c_gini", "C-Gini"), ("k", "k"),
+           ("stitched_code", "stitch code"), ("stitched_code_excl", "stitch code excl."),
+           ("stitched_cosine", "stitch cos"), ("stitched_cosine_excl", "stitch cos excl."), ("shift", "shift"))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(9, 3.2 * len(results)), squeeze=False)
+    for row, (dataset, by_method) in enumerate(results.items()):
+        for col, (label, which) in enumerate((("deletion", 0), ("insertion", 1))):
+            ax = axes[row][col]
+            for method, s in by_method.items():
+                curves = s["curves"][which]
+                if not curves:
+                    continue
+                n = max(len(c) for c in curves)
+                grid = np.linspace(0, 1, n)  # concepts removed / kept as a share of k, classes of any k
+                ys = np.mean([np.interp(grid, np.linspace(0, 1, len(c)), c) for c in curves], axis=0)
+                ax.plot(grid, ys, marker=".", label=method)
+            ax.set_title(f"{dataset}: {label} (Sobol order)")
+            ax.set_xlabel(f"share of concepts {'removed' if which == 0 else 'kept'}")
+            ax.set_ylabel("accuracy on reconstruction")
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="fashion,cifar,imagenet")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--ranking", default="code", help="the served prototype ranking (both are tested)")
+    ap.add_argument("--work", default=str(CACHE / "faithfulness"))
+    ap.add_argument("--plot", default="faithfulness.png")
+    ap.add_argument("--json", default=None, help="write the summaries here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.work)
+    results: dict[str, dict[str, dict]] = {}
+    for dataset in [d for d in args.datasets.split(",") if d]:
+        base = dataset_config(dataset, work)
+        results[dataset] = {}
+        for method in [m for m in args.methods.split(",") if m]:
+            manifest, secs = run_method(dataset, method, base, work, args.ranking)
+            s = summarize(manifest)
+            s["seconds"] = secs
+            results[dataset][method] = s
+            print(f"  {dataset} {method}: {s['classes']} classes, {secs:.0f} s", file=sys.stderr, flush=True)
+        print(f"\n### {dataset} ({next(iter(results[dataset].values()))['classes']} classes)\n")
+        print("| method | " + " | ".join(h for _, h in COLUMNS) + " |")
+        print("|---|" + "---|" * len(COLUMNS))
+        for method, s in results[dataset].items():
+            print(f"| {method} | " + " | ".join(f"{s[c]:.3f}" if c != "k" else f"{s[c]:.1f}" for c, _ in COLUMNS) + " |")
+    if args.plot:
+        plot(results, Path(args.plot))
+        print(f"\ndeletion / insertion curves: {args.plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({d: {m: {k: v for k, v in s.items() if k != "curves"}
+                                                   for m, s in r.items()} for d, r in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
