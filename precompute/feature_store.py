@@ -6,19 +6,19 @@ kept images' feature maps ``feat/<cls>`` (n, C, H, W) float16, their crop window
 header lists keys, predictions and labels. The store reads only the headers at open; a class's
 records are read when the class is learned, and the crop pool is streamed part by part.
 
-The class's images over all parts are sorted by key and, past ``max_images``, sampled with a seed of
-the class's own: the same records whichever process (shard) reads them, in whatever order.
+The class's images over all parts are, past ``max_images``, the bottom-k by
+:func:`.features.sample_rank` (as each part's reservoir), sorted by key: the same records as a single
+run's, whichever process (shard) reads them.
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .features import Record, safetensors_info
+from .features import Record, safetensors_info, sample_rank
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,9 @@ class FeatureStore(Mapping):
                     enumerate(zip(c["keys"], c["predicted"], c["labels"])))
         self.refs: dict[int, list[ImageRef]] = {}
         for cls, rs in sorted(refs.items()):
-            rs.sort(key=lambda r: r.key)
-            if len(rs) > max_images:  # the class's own seed: independent of which classes a shard holds
-                rs = sorted(random.Random(seed * 1_000_003 + cls).sample(rs, max_images), key=lambda r: r.key)
-            self.refs[cls] = rs
+            if len(rs) > max_images:  # the same bottom-k as extraction's reservoirs: a single run's images
+                rs = sorted(rs, key=lambda r: (sample_rank(r.key, seed), r.key))[:max_images]
+            self.refs[cls] = sorted(rs, key=lambda r: r.key)
         self._kept = {(r.part, r.cls, r.row) for rs in self.refs.values() for r in rs}
 
     # --- Mapping: class -> records, read on access ---

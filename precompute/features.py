@@ -1,6 +1,6 @@
 """Feature extraction: images -> per-class bounded reservoirs of feature maps.
 
-Memory is bounded by ``max_per_class`` images per class (Algorithm R reservoir sampling, seeded),
+Memory is bounded by ``max_per_class`` images per class (bottom-k sampling by a seeded hash of the key),
 whatever the size of the data. Each kept image carries its feature map (float16), the model's
 predicted class, its label and the 224x224 view the model saw (JPEG bytes, for prototype crops).
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,22 +34,39 @@ class Record:
     view_jpeg: bytes  # the crop x crop RGB view the model saw, JPEG
 
 
+def sample_rank(key: str, seed: int) -> int:
+    """A sample's place in the seeded random order of the data: a hash of (seed, key)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "big")
+
+
 @dataclass
 class Reservoir:
-    """At most ``capacity`` records, each of the ``seen`` offered ones kept with equal probability."""
+    """The ``capacity`` offered records of smallest :func:`sample_rank` (bottom-k sampling: a uniform
+    random sample of the ``seen`` offered ones). The choice depends on the keys only, not on the
+    order or on how the data is sharded: the union of the shards' reservoirs holds the one-process
+    reservoir, which :class:`.feature_store.FeatureStore` takes back out, so a sharded run learns
+    from exactly the images a single run does."""
 
     capacity: int
+    seed: int = 0
     seen: int = 0
-    items: list[Record] = field(default_factory=list)
+    heap: list = field(default_factory=list)  # (-rank, key, record): the largest kept rank on top
 
-    def offer(self, rec: Record, rng: random.Random) -> None:
+    def offer(self, rec: Record, rng=None) -> None:
+        import heapq
+
         self.seen += 1
-        if len(self.items) < self.capacity:
-            self.items.append(rec)
-        else:
-            j = rng.randrange(self.seen)
-            if j < self.capacity:
-                self.items[j] = rec
+        item = (-sample_rank(rec.key, self.seed), rec.key, rec)
+        if len(self.heap) < self.capacity:
+            heapq.heappush(self.heap, item)
+        elif item[:2] > self.heap[0][:2]:
+            heapq.heapreplace(self.heap, item)
+
+    @property
+    def items(self) -> list[Record]:
+        return [rec for _, _, rec in sorted(self.heap, key=lambda t: t[1])]
 
 
 @dataclass
@@ -132,7 +148,6 @@ def extract(dataset: Dataset, forward: Forward, preprocessing: Preprocessing, *,
     belongs to (None: drop it). An image that cannot be decoded is skipped, logged and counted.
     """
     i, n = shard
-    rng = random.Random(seed * 1_000_003 + i)
     result = ExtractResult(reservoirs={})
     progress = Progress("extract images")
     samples = (s for s in dataset if s.index % n == i)
@@ -157,8 +172,8 @@ def extract(dataset: Dataset, forward: Forward, preprocessing: Preprocessing, *,
                 cls = group_of(sample.label, int(p))
                 if cls is None:
                     continue
-                res = result.reservoirs.setdefault(cls, Reservoir(max_per_class))
-                res.offer(Record(sample.key, f, int(p), sample.label, jpeg), rng)
+                res = result.reservoirs.setdefault(cls, Reservoir(max_per_class, seed))
+                res.offer(Record(sample.key, f, int(p), sample.label, jpeg))
             result.processed += len(ok)
             progress.update(len(ok), extra=f"{result.skipped} skipped, {len(result.reservoirs)} classes")
     progress.update(0, extra=f"{result.skipped} skipped, {len(result.reservoirs)} classes", force=True)
