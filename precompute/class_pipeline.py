@@ -273,16 +273,30 @@ class ClassPipeline:
     def run(self, cls: int, seen: int) -> ClassResult:
         from .checks import class_flags
 
+        import time
+
+        clock = [time.perf_counter()]
+        seconds: dict[str, float] = {}
+
+        def lap(step: str) -> None:
+            clock.append(time.perf_counter())
+            seconds[step] = round(clock[-1] - clock[-2], 4)
+
         data = self.split(cls)
+        lap("read")
         fit = self.fit(data)
+        lap("fit")
         metrics, codes = self.evaluate(data, fit)
+        lap("evaluate")
         metrics["stitched"], protos, proto_tensors = self.prototypes(data, fit, metrics)
+        lap("prototypes")
         tensors = {"basis": fit.basis.astype(np.float32), "weights": fit.weights.astype(np.float32)}
         if fit.anchor is not None:
             tensors["anchor"] = fit.anchor.astype(np.float32)
         for name, t in fit.served.items():
             tensors[f"served/{name}"] = np.asarray(t, np.float32)
         shift, contrast_tensors = self.contrast(data, fit)
+        lap("contrast")
         if shift:
             metrics["shift"] = shift
         tensors.update(contrast_tensors)
@@ -292,5 +306,5 @@ class ClassPipeline:
         info = {"class_id": cls, "name": self.model.class_names[cls], "k": int(fit.basis.shape[0]),
                 "images": len(data.records), "images_seen": seen, "held_out_images": int(len(data.held)),
                 "metrics": metrics, "flags": flags, "method": fit.method, "prototypes": protos,
-                "signed_features": bool(self.signed)}
+                "signed_features": bool(self.signed), "seconds": seconds}  # seconds: logged, not in the bundle
         return ClassResult(tensors, info)

@@ -149,8 +149,8 @@ class Job:
         if res.processed == 0:
             raise JobError(f"no usable image in {self.cfg.data} (shard {i}/{n}); {res.skipped} could not be read")
         save_part(path, res, self.hash, cells=self.cfg.prototype_cells)
-        log.info("extract: %d images, %d skipped, %d classes -> %s", res.processed, res.skipped,
-                 len(res.reservoirs), path)
+        log.info("extract: %d images, %d skipped, %d classes -> %s; peak RSS %.0f MiB", res.processed, res.skipped,
+                 len(res.reservoirs), path, peak_rss_mib())
         return path
 
     # ---- stage 2: per-class learning -----------------------------------------------------------
@@ -268,13 +268,21 @@ class Job:
         info = {"config_hash": self.hash, **result.info}
         atomic_write_bytes(self.class_path(cls), save(result.tensors, metadata={"info": json.dumps(info)}))
         held, flags = info["metrics"].get("held_out", {}), info["flags"]
-        log.info("class %d (%s): %d images, k %d, held-out ICE fidelity %.3f, top-1 agreement %.2f%s", cls,
-                 info["name"], info["images"], info["k"], held.get("ice_fidelity", float("nan")),
-                 held.get("top1_agreement", float("nan")), f", flags {flags}" if flags else "")
+        steps = ", ".join(f"{k} {v:.2f}" for k, v in info.get("seconds", {}).items())
+        log.info("class %d (%s): %d images, k %d, held-out ICE fidelity %.3f, top-1 agreement %.2f%s; seconds: %s; "
+                 "peak RSS %.0f MiB", cls, info["name"], info["images"], info["k"], held.get("ice_fidelity", float("nan")),
+                 held.get("top1_agreement", float("nan")), f", flags {flags}" if flags else "", steps, peak_rss_mib())
 
     # ---- stage 3: merge ------------------------------------------------------------------------
     def merge(self) -> Path:
         return merge_bundle([self.work], Path(self.cfg.out), self)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far, MiB (each stage logs it: memory is bounded by a class)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Path:
@@ -350,7 +358,7 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
                                                               "requested": cfg.method},
                               group_by=cfg.group_by, max_images=cfg.max_images, held_out=cfg.held_out, seed=cfg.seed),
             data={"path": str(cfg.data)}, config_hash=configs[0]["config_hash"])
-    log.info("merge: bundle written to %s", out)
+    log.info("merge: bundle written to %s; peak RSS %.0f MiB", out, peak_rss_mib())
     return out
 
 

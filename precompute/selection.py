@@ -8,7 +8,8 @@ through the served projection, so the held-out images stay untouched for the rep
   fast base learner (NMF, or semi-NMF on a signed layer) on the rest of the training images and
   scored by validation ICE fidelity and stability (matched cosine of the bases fitted on two
   halves). Parsimony: the smallest k whose fidelity is within 0.02 (or 10 %) of the best and whose
-  stability is at least ``MIN_STABILITY`` (else the smallest within tolerance).
+  stability is at least ``MIN_STABILITY`` (else the smallest within tolerance). Stability is
+  measured only where it decides (within tolerance, smallest k first, up to the first stable one).
 - merge: after the final fit, two concepts whose directions have cosine >= ``MERGE_COSINE`` and
   whose codes rarely fire at the same pixel (spatial correlation <= ``MERGE_OVERLAP``) are one
   part seen at different places (NMF splits an object into its left and right edge when k is too
@@ -127,15 +128,20 @@ def choose_k(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_par
     for k in candidates:
         basis = _base_basis(pipe, data.cls, fit_part, k)
         fid = _score(pipe, data.cls, basis, val_part, "nmf").get("ice_fidelity", float("nan"))
-        stab = float("nan")
-        if half >= 2:
-            stab = matched_cosine(_base_basis(pipe, data.cls, fit_part[:half], k),
-                                  _base_basis(pipe, data.cls, fit_part[half:], k))
-        rows.append({"k": k, "val_ice_fidelity": float(fid), "stability": stab})
+        rows.append({"k": k, "val_ice_fidelity": float(fid), "stability": None})
     best = min(r["val_ice_fidelity"] for r in rows)
     close = [r for r in rows if r["val_ice_fidelity"] <= best + max(FIDELITY_SLACK, FIDELITY_TOLERANCE * best)]
-    stable = [r for r in close if not (r["stability"] < MIN_STABILITY)]  # nan counts as stable
-    chosen = (stable or close)[0]["k"]
+    # stability (two more fits each) only where it can decide: the candidates within tolerance, smallest k
+    # first, up to the first stable one; the choice is the one a full sweep makes
+    chosen = close[0]["k"]
+    for r in close:
+        if half < 2:
+            break  # too few images for halves: stability unknown, counts as stable
+        r["stability"] = matched_cosine(_base_basis(pipe, data.cls, fit_part[:half], r["k"]),
+                                        _base_basis(pipe, data.cls, fit_part[half:], r["k"]))
+        if r["stability"] >= MIN_STABILITY:
+            chosen = r["k"]
+            break
     record["k"] = {"chosen": chosen, "sweep": rows}
     log.debug("class %d: k sweep %s -> %d", data.cls, rows, chosen)
     return chosen
