@@ -1,11 +1,15 @@
 """The static HTML evaluation report of a bundle (``conceptlens report BUNDLE [--out DIR]``).
 
 Layout of the report directory (self-contained and relocatable: every link is relative, every
-image is a copy, no JavaScript, no network)::
+image is a copy, no network; the only JavaScript is the index's small inline script)::
 
     REPORT/
-      index.html             method and model, then every class sorted by held-out ICE fidelity
-                             (lower is better), flagged classes marked with their flags
+      index.html             method and model, then one compact row per class (no images), in order of
+                             held-out ICE fidelity (lower is better), flagged classes marked with their
+                             flags; an inline script adds search (name or id), sorting (name, id,
+                             fidelity, stitched test, k, images) and filters (flags, stitched test), also
+                             driven by the URL: index.html#q=dog&sort=name&dir=desc&flag=any&st=fail
+                             (or ?q=...). Without JavaScript it is the plain table.
       class-<id>.html        one page per class: flags, the metrics (held-out and train side by
                              side), deletion/insertion curves (inline SVG) with C-Del / C-Ins of
                              both concept orders (mean contribution, Sobol total order), the
@@ -103,6 +107,13 @@ figcaption{font-size:.75em;color:#555}
 .plots svg{margin-right:1em;border:1px solid #eee;max-width:100%;height:auto}
 .scroll{overflow-x:auto}table.classes td{white-space:nowrap}table.classes td.flags{white-space:normal;min-width:12em}table.classes th{font-size:.9em}
 nav{margin:.4em 0 1em}nav a{margin-right:1em}
+.controls{display:flex;flex-wrap:wrap;gap:.5em 1.2em;align-items:center;margin:.6em 0;padding:.5em .8em;
+background:#f7f7f7;border:1px solid #e2e2e2}.controls label{white-space:nowrap}
+.controls input,.controls select,.controls button{font:inherit;font-size:.95em}
+.scroll.tall{max-height:82vh;overflow:auto;border:1px solid #e2e2e2}
+table.classes{margin:0}table.classes thead th{position:sticky;top:0;z-index:1;box-shadow:0 1px 0 #ccc}
+th[data-sort]{cursor:pointer}th[data-sort]:hover{background:#e8eef8}
+th.sorted-asc::after{content:" \\25B2";font-size:.7em}th.sorted-desc::after{content:" \\25BC";font-size:.7em}
 """
 
 
@@ -403,7 +414,129 @@ def _split(metrics: dict, name: str) -> dict:
     return v if isinstance(v, dict) else {}
 
 
+def _stitched_summary(st: Any) -> tuple[str, float | None, str]:
+    """The index's view of ``metrics["stitched"]``: (cell HTML, sort score, filter tokens).
+
+    The score is ``pass_rate`` when the bundle records one (a share in [0, 1]), else the share of the
+    recorded verdicts (``pass``, ``pass_excluding_class``) that passed; None when nothing was recorded.
+    Tokens: ``pass``/``fail`` (the verdict), ``xpass``/``xfail`` (without the class's own images)."""
+    if not isinstance(st, dict):
+        return "—", None, ""
+    p, px = st.get("pass"), st.get("pass_excluding_class")
+    rate = _float_or_none(st.get("pass_rate"))
+    verdicts = [bool(v) for v in (p, px) if isinstance(v, (bool, np.bool_))]
+    tokens = []
+    if isinstance(p, (bool, np.bool_)):
+        tokens.append("pass" if p else "fail")
+    if isinstance(px, (bool, np.bool_)):
+        tokens.append("xpass" if px else "xfail")
+    parts = []
+    if "pass" in st:
+        parts.append(_pass_html(p))
+    if "pass_excluding_class" in st:
+        parts.append(f"<span class=small title='without crops from images predicted as the class'>excl. "
+                     f"{_pass_html(px)}</span>")
+    if "pass_rate" in st:
+        v = st.get("pass_rate")
+        shown = f"{100 * rate:.0f}%" if rate is not None and 0.0 <= rate <= 1.0 else fmt(v)
+        parts.append(f"<span class=small title='pass rate'>{esc(shown)}</span>")
+    score = rate if rate is not None else (sum(verdicts) / len(verdicts) if verdicts else None)
+    return (" ".join(parts) or "—"), score, " ".join(tokens)
+
+
+def _attr_num(v: Any) -> str:
+    """A finite number as a short, order-preserving attribute value; '' for none."""
+    f = _float_or_none(v)
+    if f is None:
+        return ""
+    return str(int(f)) if f.is_integer() and abs(f) < 1e15 else f"{f:.7g}"
+
+
+# Sort keys of the index (the <select>, the URL's sort=, the clickable headers): key -> label.
+INDEX_SORTS = {"fid": "held-out ICE fidelity", "name": "name", "id": "class id", "st": "stitched test",
+               "k": "k (concepts)", "n": "images"}
+
+# The index's controls: search, sort and filters, driven by the URL too (index.html#q=dog&sort=name&dir=desc
+# &flag=any|none|<flag>&st=pass|fail|xpass|xfail|none; ?q=... works as well), so a view can be linked.
+# Plain JavaScript, no network; without it the page is the full table in fidelity order.
+INDEX_JS = r"""(function(){
+var tb=document.getElementById('rows');if(!tb)return;
+function $(i){return document.getElementById(i);}
+function num(v){return v===undefined||v===''?null:+v;}
+var R=Array.prototype.map.call(tb.rows,function(r,i){var a=r.querySelector('a'),d=r.dataset;
+ return {r:r,i:i,id:+d.id,name:(a?a.textContent:'').trim(),fid:num(d.fid),st:num(d.st),k:num(d.k),n:num(d.n),
+  f:(d.f||'').split(' ').filter(Boolean).map(Number),t:' '+(d.t||'')+' ',run:d.t!==undefined||d.st!==undefined};});
+R.forEach(function(o){o.lname=o.name.toLowerCase();});
+var q=$('q'),sort=$('sort'),dir=$('dir'),flag=$('flag'),st=$('st'),count=$('count'),ctl=$('controls');
+var coll=new Intl.Collator(undefined,{numeric:true,sensitivity:'base'});
+var flagIdx=Object.create(null);Array.prototype.forEach.call(flag.options,function(o){if(o.dataset.i!==undefined)flagIdx[o.value]=+o.dataset.i;});
+var DEF={q:'',sort:'fid',dir:'asc',flag:'',st:''},cur=null;
+function has(sel,v){return Array.prototype.some.call(sel.options,function(o){return o.value===v;});}
+function read(){var s=location.hash.length>1?location.hash.slice(1):location.search.slice(1),p=new URLSearchParams(s),o={};
+ for(var k in DEF)o[k]=p.has(k)?p.get(k):DEF[k];
+ if(!has(sort,o.sort))o.sort=DEF.sort;if(o.dir!=='desc')o.dir='asc';
+ if(!has(flag,o.flag))o.flag='';if(!has(st,o.st))o.st='';return o;}
+function show(o){q.value=o.q;sort.value=o.sort;flag.value=o.flag;st.value=o.st;dir.dataset.dir=o.dir;
+ dir.textContent=o.dir==='asc'?'\u2191 ascending':'\u2193 descending';}
+function match(o,s){var t=s.q.trim().toLowerCase();
+ if(t&&!(o.lname.indexOf(t)>=0||(/^\d+$/.test(t)&&o.id===+t)))return false;
+ if(s.flag==='any'&&!o.f.length)return false;if(s.flag==='none'&&o.f.length)return false;
+ if(s.flag in flagIdx&&o.f.indexOf(flagIdx[s.flag])<0)return false;
+ if(s.st==='none'){if(o.run)return false;}else if(s.st&&o.t.indexOf(' '+s.st+' ')<0)return false;
+ return true;}
+function cmp(s){var key=s.sort,sg=s.dir==='desc'?-1:1;return function(a,b){var c;
+ if(key==='name')c=coll.compare(a.name,b.name)*sg;
+ else{var x=a[key],y=b[key];if(x===null||y===null)c=(x===null)-(y===null);else c=(x-y)*sg;}
+ return c||a.i-b.i;};}
+function apply(s){var prev=cur;cur=s;
+ if(!prev||prev.sort!==s.sort||prev.dir!==s.dir){var o=R.slice().sort(cmp(s)),fr=document.createDocumentFragment();
+  o.forEach(function(x){fr.appendChild(x.r);});tb.appendChild(fr);
+  Array.prototype.forEach.call(document.querySelectorAll('th[data-sort]'),function(h){
+   var on=h.dataset.sort===s.sort;h.classList.toggle('sorted-asc',on&&s.dir==='asc');
+   h.classList.toggle('sorted-desc',on&&s.dir==='desc');});}
+ var n=0;R.forEach(function(o){var m=match(o,s);if(m)n++;if(o.r.hidden===m)o.r.hidden=!m;});
+ count.textContent=n===R.length?'all '+n+' classes shown':n+' of '+R.length+' classes shown';
+ $('none').hidden=n>0;}
+function state(){return {q:q.value,sort:sort.value,dir:dir.dataset.dir||'asc',flag:flag.value,st:st.value};}
+function url(s){var p=new URLSearchParams();for(var k in DEF)if(s[k]!==DEF[k])p.set(k,s[k]);var h=p.toString();
+ if(!h&&location.search)h='sort='+s.sort;  // an explicit default, or the ?query would come back on reload
+ try{history.replaceState(null,'',h?'#'+h:location.pathname+location.search);}catch(e){}}
+function update(){var s=state();apply(s);url(s);}
+q.addEventListener('input',update);[sort,flag,st].forEach(function(e){e.addEventListener('change',update);});
+dir.addEventListener('click',function(){dir.dataset.dir=dir.dataset.dir==='desc'?'asc':'desc';show(state());update();});
+Array.prototype.forEach.call(document.querySelectorAll('th[data-sort]'),function(h){h.addEventListener('click',function(){
+ var s=state();if(s.sort===h.dataset.sort)s.dir=s.dir==='asc'?'desc':'asc';else{s.sort=h.dataset.sort;s.dir='asc';}
+ show(s);update();});});
+$('reset').addEventListener('click',function(){show(DEF);update();});
+window.addEventListener('hashchange',function(){var s=read();show(s);apply(s);});
+document.addEventListener('keydown',function(e){if(e.key==='/'&&document.activeElement!==q){e.preventDefault();q.focus();}});
+var s0=read();show(s0);apply(s0);ctl.hidden=false;
+})();"""
+
+
+def _index_controls(flag_counts: dict[str, int], n_flagged: int, n: int, has_stitched: bool) -> str:
+    flag_opts = "".join(f"<option value='{esc(f)}' data-i={i}>{esc(f)} ({c})</option>"
+                        for i, (f, c) in enumerate(flag_counts.items()))
+    sort_opts = "".join(f"<option value='{k}'>{esc(v)}</option>" for k, v in INDEX_SORTS.items()
+                        if k != "st" or has_stitched)
+    st_sel = ("<label>stitched test <select id=st><option value=''>any</option><option value=pass>passed</option>"
+              "<option value=fail>failed</option><option value=xpass>passed without the class's images</option>"
+              "<option value=xfail>failed without the class's images</option><option value=none>not run</option>"
+              "</select></label>") if has_stitched else "<select id=st hidden><option value=''></option></select>"
+    return ("<div id=controls class=controls hidden>"
+            "<label>search <input id=q type=search placeholder='class name or id' size=22 autocomplete=off></label>"
+            f"<label>sort by <select id=sort>{sort_opts}</select></label>"
+            "<button type=button id=dir data-dir=asc>↑ ascending</button>"
+            f"<label>flags <select id=flag><option value=''>any or none ({n})</option>"
+            f"<option value=any>flagged ({n_flagged})</option><option value=none>no flags ({n - n_flagged})</option>"
+            f"{flag_opts}</select></label>{st_sel}"
+            "<button type=button id=reset>reset</button> <span id=count class=muted></span></div>")
+
+
 def render_index(bundle: Bundle, order: list[tuple[int, dict]]) -> str:
+    """The index: the bundle's header, then one compact row per class (no images: those stay on the
+    class pages), in order of held-out ICE fidelity; a small inline script adds search, sorting and
+    filters (flags, stitched test), also from the URL (see INDEX_JS)."""
     m = bundle.manifest
     n_flagged = sum(1 for _, info in order if info.get("flags"))
     fids = [f for f in (held_out_fidelity(info) for _, info in order) if f is not None]
@@ -412,25 +545,45 @@ def render_index(bundle: Bundle, order: list[tuple[int, dict]]) -> str:
     if "c_del_contribution" in optional and "c_del_sobol" in optional:
         optional.remove("c_del")  # it is one of the two
     has_stitched = any(isinstance((info.get("metrics") or {}).get("stitched"), dict) for _, info in order)
+    flag_counts: dict[str, int] = {}
+    for _, info in order:
+        for f in dict.fromkeys(str(f) for f in info.get("flags") or []):
+            flag_counts[f] = flag_counts.get(f, 0) + 1
+    flag_counts = dict(sorted(flag_counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    flag_index = {f: i for i, f in enumerate(flag_counts)}
+
+    def th(label: str, key: str | None = None, cls: str = "") -> str:
+        attrs = (f" class={cls}" if cls else "") + (f" data-sort={key} title='sort by {esc(INDEX_SORTS[key])}'"
+                                                    if key else "")
+        return f"<th{attrs}>{label}</th>"
+
     parts = ["<h1>conceptlens evaluation report</h1>",
              f"<p>{len(order)} classes, <b>{n_flagged} flagged</b>"
              + (f"; held-out ICE fidelity median {fmt(float(np.median(fids)))}, "
                 f"mean {fmt(float(np.mean(fids)))}" if fids else "") + ".</p>",
              _header_html(bundle),
-             "<h2>Classes, by held-out ICE fidelity (lower is better)</h2>",
-             "<div class=scroll><table class=classes><tr><th>#</th><th class=l>class</th><th class=l>flags</th><th>id</th><th class=l>method</th>"
-             "<th>k</th><th>images<br><span class=small>train / held-out</span></th>"
-             "<th>ICE<br>fidelity<br><span class=small>held-out ↓</span></th>"
-             "<th>top-1<br>agreement<br><span class=small>held-out ↑</span></th>"
-             "<th>recon.<br>error<br><span class=small>held-out ↓</span></th>"]
+             "<h2>Classes</h2>",
+             "<p class='small muted'>In order of held-out ICE fidelity (lower is better), unless sorted otherwise; "
+             "click a class for its concepts, prototypes and examples. Search, sorting and filters are kept in "
+             "the address (<code>index.html#q=…&amp;sort=name&amp;flag=any</code>), so a view can be linked.</p>",
+             _index_controls(flag_counts, n_flagged, len(order), has_stitched),
+             "<p id=none class=muted hidden>No class matches.</p>",
+             "<div class='scroll tall'><table class=classes><thead><tr><th title='rank by held-out ICE fidelity'>#</th>"
+             + th("class", "name", "l")
+             + th("flags", None, "l") + th("id", "id") + th("method", None, "l") + th("k", "k")
+             + th("images<br><span class=small>train / held-out</span>", "n")
+             + th("ICE<br>fidelity<br><span class=small>held-out ↓</span>", "fid")
+             + th("top-1<br>agreement<br><span class=small>held-out ↑</span>")
+             + th("recon.<br>error<br><span class=small>held-out ↓</span>")]
     for k in optional:
         label, hint = METRIC_LABELS.get(k, (k, ""))
         arrow = " ↓" if hint.startswith("lower") else " ↑" if hint.startswith("higher") else ""
         parts.append(f"<th title='{esc(label)} ({esc(k)})'>{INDEX_OPTIONAL[k]}<br>"
                      f"<span class=small>held-out{arrow}</span></th>")
     if has_stitched:
-        parts.append("<th>stitched test</th>")
-    parts.append("</tr>")
+        parts.append(th("stitched test", "st"))
+    parts.append("</tr></thead><tbody id=rows>")
+    rows = []
     for rank, (cid, info) in enumerate(order, 1):
         metrics = info.get("metrics") or {}
         ho = _split(metrics, "held_out")
@@ -439,21 +592,33 @@ def render_index(bundle: Bundle, order: list[tuple[int, dict]]) -> str:
         images = info.get("images")
         held = info.get("held_out_images")
         train_n = images - held if _is_num(images) and _is_num(held) else images
-        cells = [f"<td>{rank}</td>",
-                 f"<td class='l name'>{'⚑ ' if flags else ''}<a href='class-{cid}.html'>{esc(name)}</a></td>",
-                 f"<td class='l flags'>{_flags_html(flags)}</td>",
-                 f"<td>{cid}</td><td class=l>{esc(info.get('method', ''))}</td><td>{esc(fmt(info.get('k')))}</td>",
-                 f"<td>{esc(fmt(train_n))} / {esc(fmt(held))}</td>",
-                 f"<td>{esc(fmt(ho.get('ice_fidelity')))}</td>",
-                 f"<td>{esc(fmt(ho.get('top1_agreement')))}</td>",
-                 f"<td>{esc(fmt(ho.get('recon_error')))}</td>"]
-        cells += [f"<td>{esc(fmt(ho.get(k)))}</td>" for k in optional]
+        attrs = [f"data-id={cid}"]
+        for key, v in (("fid", held_out_fidelity(info)), ("k", info.get("k")), ("n", images)):
+            if _attr_num(v):
+                attrs.append(f"data-{key}={_attr_num(v)}")
+        if flags:
+            attrs.insert(0, "class=flagged")
+            attrs.append(f"data-f='{' '.join(str(flag_index[str(f)]) for f in dict.fromkeys(map(str, flags)))}'")
+        cells = [f"<td>{rank}", f"<td class=l>{'⚑ ' if flags else ''}<a href='class-{cid}.html'>{esc(name)}</a>",
+                 f"<td class='l flags'>{_flags_html(flags)}",
+                 f"<td>{cid}<td class=l>{esc(info.get('method', ''))}<td>{esc(fmt(info.get('k')))}",
+                 f"<td>{esc(fmt(train_n))} / {esc(fmt(held))}",
+                 f"<td>{esc(fmt(ho.get('ice_fidelity')))}",
+                 f"<td>{esc(fmt(ho.get('top1_agreement')))}",
+                 f"<td>{esc(fmt(ho.get('recon_error')))}"]
+        cells += [f"<td>{esc(fmt(ho.get(k)))}" for k in optional]
         if has_stitched:
-            st = metrics.get("stitched")
-            cells.append(f"<td>{_pass_html(st.get('pass')) if isinstance(st, dict) else '—'}</td>")
-        parts.append(f"<tr class='{'flagged' if flags else ''}'>{''.join(cells)}</tr>")
-    parts.append("</table></div>")
+            cell, score, tokens = _stitched_summary(metrics.get("stitched"))
+            if tokens:
+                attrs.append(f"data-t='{tokens}'")
+            if score is not None:
+                attrs.append(f"data-st={_attr_num(score)}")
+            cells.append(f"<td>{cell}")
+        rows.append(f"<tr {' '.join(attrs)}>{''.join(cells)}</tr>")
+    parts.append("\n".join(rows))
+    parts.append("</tbody></table></div>")
     parts.append(_footer(bundle))
+    parts.append(f"<script>{INDEX_JS}</script>")
     return _page(f"conceptlens report — {m.model.name}", "\n".join(parts))
 
 

@@ -403,3 +403,190 @@ def test_report_in_headless_chromium(reports, server, tmp_path):
             saturated = ((px.max(axis=2) - px.min(axis=2)) > 80).mean()  # colored heatmaps, bars, links
             assert non_white > 0.05 and saturated > 0.002, (non_white, saturated)
             assert len(np.unique(px.reshape(-1, 3), axis=0)) > 500
+
+
+# ------------------------------------------------------------------------------------------------
+# an index of 1000 classes: compact, and searchable, sortable and filterable from the URL
+
+ADJECTIVES = ["amber", "brisk", "coral", "dusky", "eager", "fuzzy", "golden", "hazel", "icy", "jade",
+              "khaki", "lunar", "misty", "noble", "olive", "plush", "quiet", "rusty", "sandy", "tawny"]
+NOUNS = ["ant", "bat", "bear", "bee", "boar", "bull", "carp", "cat", "cod", "colt", "crab", "crow", "deer", "dog",
+         "dove", "duck", "eel", "elk", "emu", "fawn", "finch", "fox", "frog", "gnat", "goat", "goose", "gull",
+         "hare", "hawk", "hen", "ibis", "jay", "kite", "lark", "lion", "lynx", "mole", "moth", "mule", "newt",
+         "owl", "ox", "pig", "pike", "ram", "rat", "seal", "swan", "toad", "wolf"]
+
+
+def write_many_class_bundle(out: Path, n: int = 1000, seed: int = 0) -> Path:
+    """A loadable bundle of ``n`` classes ("<Adjective> <noun>", all distinct) with tiny random bases,
+    one prototype crop per concept, varied held-out metrics, flags and stitched-test results (``pass`` and
+    ``pass_excluding_class``; ``pass_rate`` on every 7th class; none on every 10th). No real model: the
+    report never runs it."""
+    from conceptlens.precompute.bundle_writer import write_bundle
+    from conceptlens.service.manifest import ClassEntry, HeadCard, MethodCard, ModelCard, Preprocessing
+
+    from service_conftest import jpeg_bytes
+
+    assert n <= len(ADJECTIVES) * len(NOUNS)
+    rng = np.random.default_rng(seed)
+    c = 8
+    names = [f"{ADJECTIVES[i // len(NOUNS)].capitalize()} {NOUNS[i % len(NOUNS)]}" for i in range(n)]
+    model_file = out.parent / "not-a-model.onnx"
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    model_file.write_bytes(b"the report does not run the model")
+    jpeg = jpeg_bytes(seed, (32, 32))
+    classes, tensors, protos, jpegs = {}, {}, {}, {}
+    for cid in range(n):
+        k = 2 + cid % 3
+        basis = np.abs(rng.standard_normal((k, c))).astype(np.float32)
+        tensors[f"basis/{cid}"], tensors[f"weights/{cid}"] = basis, rng.standard_normal(k).astype(np.float32)
+        fid = float(rng.uniform(0.02, 0.45))
+        metrics = {"held_out": {"ice_fidelity": fid, "top1_agreement": float(rng.uniform(0.7, 1.0)),
+                                "recon_error": float(rng.uniform(0.1, 0.5)), "c_del": float(rng.uniform(0.2, 0.8))},
+                   "train": {"ice_fidelity": fid * 0.9}}
+        flags = []
+        if cid % 10 != 9:
+            st = {"pass": bool(rng.random() < 0.8), "pass_excluding_class": bool(rng.random() < 0.6),
+                  "predicted": cid, "probability": 0.5}
+            if cid % 7 == 0:
+                st["pass_rate"] = float(np.round(rng.uniform(0, 1), 2))
+            metrics["stitched"] = st
+            if not st["pass"]:
+                flags.append("failed_stitched_prototype_test")
+        if fid > 0.3:
+            flags.append("low_fidelity")
+        images = 40 + cid % 17
+        classes[cid] = ClassEntry(name=names[cid], k=k, method="nmf", images=images, images_seen=images,
+                                  held_out_images=images // 5, metrics=metrics, flags=flags)
+        protos[cid] = []
+        for j in range(k):
+            rel = f"prototypes/{cid}/{j}_0.jpg"
+            jpegs[rel] = jpeg
+            protos[cid].append([{"file": rel, "source": f"train/{cid}/{j}", "box": [0, 0, 32, 32], "score": 0.9}])
+    fc_w = np.abs(rng.standard_normal((n, c))).astype(np.float32)
+    return write_bundle(out, model_onnx=model_file,
+                        model=ModelCard(source="onnx:not-a-model.onnx", name="synthetic-1000", file_sha256="",
+                                        layer="features", feature_shape=(c, 7, 7), num_classes=n,
+                                        head=HeadCard("linear", "head.safetensors")),
+                        class_names=names, preprocessing=Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3),
+                        head_weight=fc_w, head_bias=np.zeros(n, np.float32), head_onnx=None, classes=classes,
+                        tensors=tensors, prototypes=protos, prototype_jpegs=jpegs, method=MethodCard("nmf", {}))
+
+
+class _Rows(html.parser.HTMLParser):
+    """The index's class rows as dumped by the browser: [(class id, visible)] in DOM order, and the count line."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.count, self._in_rows, self._in_count = [], "", False, False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "tbody" and a.get("id") == "rows":
+            self._in_rows = True
+        elif tag == "tr" and self._in_rows:
+            self.rows.append((int(a["data-id"]), "hidden" not in a))
+        self._in_count = a.get("id") == "count"
+
+    def handle_endtag(self, tag):
+        self._in_count = False
+        if tag == "tbody":
+            self._in_rows = False
+
+    def handle_data(self, data):
+        if self._in_count:
+            self.count += data
+
+
+def _rows(dom: str) -> _Rows:
+    p = _Rows()
+    p.feed(dom)
+    return p
+
+
+@pytest.fixture(scope="module")
+def big_report(tmp_path_factory):
+    """(report dir, manifest classes by int id, seconds write_report took) of the 1000-class bundle."""
+    import time
+
+    root = tmp_path_factory.mktemp("big")
+    bundle = write_many_class_bundle(root / "bundle")
+    t0 = time.perf_counter()
+    dest = write_report(bundle, root / "report")
+    seconds = time.perf_counter() - t0
+    classes = {int(k): v for k, v in json.loads((bundle / "manifest.json").read_text())["classes"].items()}
+    return dest, classes, seconds
+
+
+def test_index_of_1000_classes_is_compact(big_report):
+    """One compact row per class, no images and nothing from the network on the index; a page per class."""
+    dest, classes, seconds = big_report
+    index = (dest / "index.html").read_text()
+    size = (dest / "index.html").stat().st_size
+    print(f"\n1000-class report written in {seconds:.2f} s; index.html {size / 1e6:.3f} MB")
+    assert size < 1.5e6, size
+    assert len(list(dest.glob("class-*.html"))) == len(classes) == 1000
+    refs = _refs(index)
+    assert refs.imgs == [] and "<img" not in index and refs.css == ["style.css"]
+    assert [h for h in refs.links if h.startswith("class-")] == [f"class-{c}.html" for c, _ in sort_classes(
+        {str(k): v for k, v in classes.items()})]
+    assert not any(h.startswith(("http:", "https:", "//", "/")) for h in refs.links)
+    assert "<script src" not in index and "http://" not in index.replace("http://www.w3.org", "")
+    assert index.count("<tr ") == 1000
+
+
+@pytest.mark.slow  # about 14 s: eight Chromium launches
+def test_index_of_1000_classes_search_sort_filter_in_chromium(big_report, tmp_path):
+    """In headless Chromium, a view given by the URL (#... or ?...) leaves exactly the matching rows
+    visible, in the asked order; without one, every class shows in order of held-out fidelity."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to run this test")
+    dest, classes, _ = big_report
+    url = (dest / "index.html").as_uri()
+    profiles = tmp_path / "chromium"
+    by_fid = [c for c, _ in sort_classes({str(k): v for k, v in classes.items()})]
+
+    def view(suffix: str) -> tuple[list[int], list[int], str]:
+        """(visible ids in DOM order, all ids in DOM order, the count line) of index.html<suffix>."""
+        p = _rows(_dump_dom(url + suffix, profiles))
+        assert len(p.rows) == 1000
+        return [c for c, v in p.rows if v], [c for c, _ in p.rows], p.count
+
+    visible, order, count = view("")
+    assert visible == order == by_fid and count == "all 1000 classes shown"
+    # search by name, case-insensitive (hash form), in fidelity order
+    visible, _, count = view("#q=gOLDEN")
+    expected = [c for c in by_fid if classes[c]["name"].startswith("Golden ")]
+    assert visible == expected and len(expected) == 50 and count == "50 of 1000 classes shown"
+    # search by id (query form): only that class, no name contains the digits
+    visible, _, count = view("?q=417")
+    assert visible == [417] and count == "1 of 1000 classes shown"
+    # no flags, by name descending
+    visible, order, _ = view("#flag=none&sort=name&dir=desc")
+    expected = sorted((c for c in classes if not classes[c]["flags"]), key=lambda c: classes[c]["name"], reverse=True)
+    assert visible == expected and 100 < len(expected) < 900
+    assert [c for c in order if c in set(expected)] == expected
+    # one flag, and stitched failed, by stitched-test result (pass_rate where recorded, else the share of
+    # the two verdicts passed) descending; classes without a stitched test last, in either direction
+    def score(c):
+        st = classes[c]["metrics"]["stitched"]
+        return st["pass_rate"] if "pass_rate" in st else (st["pass"] + st["pass_excluding_class"]) / 2
+
+    visible, order, _ = view("#flag=low_fidelity&st=fail&sort=st&dir=desc")
+    expected = sorted((c for c in by_fid if "low_fidelity" in classes[c]["flags"]
+                       and classes[c]["metrics"].get("stitched", {}).get("pass") is False), key=lambda c: -score(c))
+    assert visible == expected and len({score(c) for c in expected}) > 2
+    assert order[-100:] == [c for c in by_fid if "stitched" not in classes[c]["metrics"]]  # not run: last, stably
+    # stitched test not run, by k descending then (stably) by fidelity
+    visible, _, _ = view("#st=none&sort=k&dir=desc")
+    expected = sorted((c for c in by_fid if "stitched" not in classes[c]["metrics"]), key=lambda c: -classes[c]["k"])
+    assert visible == expected and len(expected) == 100
+    # a query that matches nothing says so
+    dom = _dump_dom(url + "#q=zebra", profiles)
+    assert [c for c, v in _rows(dom).rows if v] == [] and "0 of 1000 classes shown" in dom
+    # the page renders: controls, table rows, links, flags
+    shot = tmp_path / "index.png"
+    _chromium([f"--screenshot={shot}", "--window-size=1280,1000", url + "#flag=any&sort=name"], profiles)
+    with Image.open(shot) as im:
+        px = np.asarray(im.convert("RGB"), np.int16)
+    assert px.shape[:2] == (1000, 1280)
+    assert (px.min(axis=2) < 235).mean() > 0.03 and ((px.max(axis=2) - px.min(axis=2)) > 60).mean() > 0.002
