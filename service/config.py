@@ -72,6 +72,9 @@ class ServerConfig:
     grace_s: float = _f(30.0, "on SIGTERM, seconds in-flight requests get to finish")
     drain_delay_s: float = _f(0.0, "on SIGTERM, seconds NOT_SERVING is announced before draining")
     no_concept_metrics: bool = _f(False, "do not export per-class presence and residual histograms")
+    concept_metrics_classes: int = _f(100, "classes with their own presence and residual series (the first "
+                                           "explained, ~10 KB of a scrape each); the others' residuals are "
+                                           "summed under class_id=\"other\"")
     no_warmup: bool = _f(False, "skip the warm-up inference (health turns SERVING at once)")
     no_verify: bool = _f(False, "skip checking the bundle's file checksums at load")
     default_prototypes: int = _f(3, "prototypes per concept when a request does not say")
@@ -89,6 +92,8 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.runtime == "torchserve" and not self.torchserve_address:
             raise ValueError("--runtime torchserve needs --torchserve-address HOST:PORT")
+        if self.concept_metrics_classes < 0:
+            raise ValueError("--concept-metrics-classes must not be negative")
         if self.malloc_arenas < 0:
             raise ValueError("--malloc-arenas must not be negative")
         for name in ("max_queue_delay_ms", "max_arrival_wait_ms"):

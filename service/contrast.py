@@ -16,11 +16,13 @@ request from those samples, then kept in a bounded in-process LRU:
    ``projector`` is what :class:`~conceptlens.service.explain.Explainer` takes as ``contrast_projectors``.
 
 No torch, no scipy: this runs inside the gRPC server (in its worker threads, never on the event
-loop) and inside the TorchServe handler. The products with the (n, C) pixel matrices are numpy's
-own single-threaded einsum loops rather than BLAS: as fast as one-thread BLAS for these
-matrix-vector shapes, deterministic, and immune to the server's BLAS threads (a multi-threaded
-gemv on a busy or CPU-limited machine waits for its threads on each of the ~150 calls, which was
-measured 10-40x slower).
+loop) and inside the TorchServe handler. The products with the (n, C) pixel matrices go to BLAS
+when numpy's BLAS runs on one thread in this process, as it does in the servers
+(:func:`~conceptlens.service.runtime.single_threaded_blas`): one-thread sgemv and sgemm are 2-4x
+faster than einsum here (EfficientNet-Lite0 pixels, C = 1280: a pair on request fell from ~70 to
+~35 ms). Elsewhere (precompute, a library caller) they are numpy's own single-threaded einsum
+loops, immune to BLAS threads: a multi-threaded gemv on a busy or CPU-limited machine waits for its
+threads on each of the ~150 calls, which was measured 10-40x slower.
 """
 from __future__ import annotations
 
@@ -48,24 +50,66 @@ _SAMPLES_TENSOR = re.compile(r"^samples/(\d+)$")
 
 
 # -- products without BLAS threads --------------------------------------------------------------
+_blas_libs: list | None = None  # threadpoolctl's controllers of numpy's BLAS, found once
+
+
+def blas_single_threaded() -> bool:
+    """True when every BLAS library of this process runs on one thread right now (the servers set
+    that at start); asked on each product (a call into the library, under a microsecond)."""
+    global _blas_libs
+    if _blas_libs is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _blas_libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        except Exception:  # no threadpoolctl, or a library it cannot query: einsum it is
+            _blas_libs = []
+    try:
+        return bool(_blas_libs) and all(lib.num_threads == 1 for lib in _blas_libs)
+    except Exception:
+        return False
+
+
 def _mv(a: np.ndarray, v: np.ndarray) -> np.ndarray:
     """a (n, C) @ v (C,), both float32."""
-    return np.einsum("ij,j->i", a, v)
+    return a @ v if blas_single_threaded() else np.einsum("ij,j->i", a, v)
 
 
 def _rmv(a: np.ndarray, r: np.ndarray) -> np.ndarray:
     """a (n, C)^T @ r (n,), both float32."""
-    return np.einsum("ij,i->j", a, r)
+    return r @ a if blas_single_threaded() else np.einsum("ij,i->j", a, r)
 
 
 def _rows_mv(a: np.ndarray, vs: np.ndarray) -> np.ndarray:
-    """vs (q, C) @ a^T -> (q, n), row by row."""
-    return np.stack([_mv(a, v) for v in np.ascontiguousarray(vs, np.float32)])
+    """vs (q, C) @ a^T -> (q, n): one sgemm, or row by row."""
+    vs = np.ascontiguousarray(vs, np.float32)
+    if blas_single_threaded():  # (a @ vs^T)^T: OpenBLAS is twice as fast this way round
+        return np.ascontiguousarray((a @ vs.T).T)
+    return np.stack([np.einsum("ij,j->i", a, v) for v in vs])
 
 
 def _rows_rmv(a: np.ndarray, rs: np.ndarray) -> np.ndarray:
-    """rs (q, n) @ a -> (q, C), row by row."""
-    return np.stack([_rmv(a, r) for r in np.ascontiguousarray(rs, np.float32)])
+    """rs (q, n) @ a -> (q, C): one sgemm, or row by row."""
+    rs = np.ascontiguousarray(rs, np.float32)
+    if blas_single_threaded():
+        return rs @ a
+    return np.stack([np.einsum("ij,i->j", a, r) for r in rs])
+
+
+_F16_TO_F32: np.ndarray | None = None  # every float16 bit pattern as float32, made once
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32; float16 (the bundle's samples) through a table of all 65536 values, the
+    same numbers as numpy's conversion (NaN, infinities and subnormals included) in a third of its
+    time, which on a pair of 512 x 1280 samples is ~2 ms of a request."""
+    global _F16_TO_F32
+    x = np.asarray(x)
+    if x.dtype != np.float16:
+        return np.asarray(x, np.float32)
+    if _F16_TO_F32 is None:
+        _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    return np.take(_F16_TO_F32, np.ascontiguousarray(x).view(np.uint16))
 
 
 # -- the hyperplane ----------------------------------------------------------------------------
@@ -191,7 +235,13 @@ def fit_hyperplane(pixels_a: np.ndarray, pixels_b: np.ndarray, l2: float = 1e-3,
 
 # -- the contrast concepts ---------------------------------------------------------------------
 def _orthonormal_rows(y: np.ndarray) -> np.ndarray:
-    """Orthonormal rows (q, n) float64 spanning those of y: modified Gram-Schmidt, twice."""
+    """Orthonormal rows (q, n) float64 spanning those of y: modified Gram-Schmidt, twice (or
+    LAPACK's QR where BLAS is single-threaded, 10x faster); a row that adds no new direction is 0.
+    QR's rows may differ from Gram-Schmidt's in sign, which nothing downstream depends on (the
+    NNDSVD below is invariant to the signs of the range basis)."""
+    if blas_single_threaded():
+        qm, r = np.linalg.qr(np.asarray(y, dtype=np.float64).T)
+        return np.where(np.abs(np.diag(r))[:, None] > EPS, qm.T, 0.0)
     q = np.array(y, dtype=np.float64)
     for i in range(len(q)):
         for _ in range(2):
@@ -251,11 +301,18 @@ def _hals_sweeps(m: np.ndarray, lin: np.ndarray, gram: np.ndarray, max_sweeps: i
     """
     first = None
     diag = np.maximum(np.diag(gram), EPS)
+    blas = blas_single_threaded()
     for _ in range(max_sweeps):
         change = 0.0
-        for j in range(m.shape[0]):
-            new = np.maximum(m[j] + (lin[j] - np.einsum("i,in->n", gram[j], m)) / diag[j], EPS)
-            change += float(np.square(new - m[j]).sum())
+        for j in range(m.shape[0]):  # new row = max(m_j + (lin_j - gram_j M) / gram_jj, EPS), in place
+            new = gram[j] @ m if blas else np.einsum("i,in->n", gram[j], m)
+            np.subtract(lin[j], new, out=new)
+            new /= diag[j]
+            new += m[j]
+            np.maximum(new, EPS, out=new)
+            row = m[j]
+            row -= new  # the change, in the old row's place
+            change += float(row @ row)
             m[j] = new
         if first is None:
             first = change
@@ -335,7 +392,7 @@ def compute_pair(a: int, b: int, pixels_a: np.ndarray, pixels_b: np.ndarray, k: 
                  seed: int = 0, method: str = METHOD_ON_REQUEST) -> ContrastPair | None:
     """Hyperplane and ``k`` contrast concepts of "a rather than b" from pixels (m, C) of each class;
     None (logged) when the pixels cannot give them (e.g. too few on A's side of the hyperplane)."""
-    xa, xb = np.asarray(pixels_a, np.float32), np.asarray(pixels_b, np.float32)
+    xa, xb = as_float32(pixels_a), as_float32(pixels_b)
     try:
         normal, offset = fit_hyperplane(xa, xb, l2=l2)
         basis = contrast_basis(xa, normal, offset, k, seed=seed)

@@ -22,8 +22,16 @@ servers can live in one process (tests).
     conceptlens_model_loads_total{model, result}          version loads: loaded | failed (refused, the old kept)
     conceptlens_cache_memory_bytes, _entries              what the in-process answer cache holds
 
-The per-class series exist only for classes that were explained (at most classes x concepts
-series); ``--no-concept-metrics`` turns them off.
+The per-class series exist only for classes that were explained, and only for the first
+``--concept-metrics-classes`` of them (100 by default): a class costs about (concepts + 2) x 15
+series, ~10 KB of every scrape and ~1 ms of the scrape's time (holding the GIL), so at ImageNet's
+1000 classes, unbounded, one scrape was 10 MB, 108,000 series and a second of the server's time.
+Classes explained after the bound is reached are summed into ``class_id="other"``,
+``class_name="other"``: their residual and relative residual (drift in aggregate); their presences
+are not recorded, concept j of one class having nothing to do with concept j of another. The first
+classes explained hold their series for the server's life (series that come and go would break
+rate() and the dashboards); with skewed traffic those are mostly the most requested ones.
+``--no-concept-metrics`` turns all of these off.
 """
 from __future__ import annotations
 
@@ -40,14 +48,21 @@ PRESENCE_BUCKETS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.
 RESIDUAL_BUCKETS = (-10.0, -5.0, -2.0, -1.0, -0.5, -0.2, -0.1, 0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 RELATIVE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 STAGES = ("decode", "queue", "inference", "explain", "encode", "cache", "contrast")
+CONCEPT_METRICS_CLASSES = 100  # classes with their own per-class series (the first explained)
+OTHER = "other"  # class_id and class_name of the classes beyond that bound
 
 
 class Metrics:
     """All metrics of one server, in their own registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, concept_metrics: bool = True):
+    def __init__(self, registry: CollectorRegistry | None = None, concept_metrics: bool = True,
+                 concept_metrics_classes: int = CONCEPT_METRICS_CLASSES):
         r = self.registry = registry or CollectorRegistry()
         self.concept_metrics = concept_metrics
+        if concept_metrics_classes < 0:
+            raise ValueError("concept_metrics_classes must not be negative")
+        self.concept_metrics_classes = int(concept_metrics_classes)
+        self._other = None  # the residual series of the classes beyond the bound, made when first needed
         self.requests = Counter("conceptlens_requests", "RPCs by method and gRPC status code",
                                 ["method", "code"], registry=r)
         self.request_seconds = Histogram("conceptlens_request_duration_seconds", "RPC latency on the server",
@@ -125,7 +140,11 @@ class Metrics:
         if not self.concept_metrics:
             return
         series = self._class_children.get(class_id)
-        if series is None or len(series[0]) != len(presences):  # labels() looked up once per class
+        if series is None and len(self._class_children) >= self.concept_metrics_classes:
+            if self._other is None:  # beyond the bound: residuals summed under "other", no presences
+                self._other = ([], self.residual.labels(OTHER, OTHER), self.relative_residual.labels(OTHER, OTHER))
+            series = self._other
+        elif series is None or len(series[0]) != len(presences):  # labels() looked up once per class
             cid = str(class_id)
             series = self._class_children[class_id] = (
                 [self.presence.labels(cid, class_name, str(j)) for j in range(len(presences))],

@@ -79,7 +79,8 @@ class ExplainServer:
 
     def __init__(self, config: ServerConfig, bundle: Bundle | None = None, runtime: Runtime | None = None):
         self.config = config.validate()
-        self.metrics = Metrics(concept_metrics=not config.no_concept_metrics)
+        self.metrics = Metrics(concept_metrics=not config.no_concept_metrics,
+                               concept_metrics_classes=config.concept_metrics_classes)
         self._draining = False
         # One thread per request in the pipeline: enough for a running batch and a full next one on
         # every batch slot, plus the decoding ones; more admitted requests wait for a thread. The

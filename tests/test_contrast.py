@@ -98,6 +98,42 @@ def test_contrast_basis_is_non_negative_and_reconstructs_the_weighted_pixels():
     assert np.array_equal(basis, contrast_basis(xa, w, b, k, seed=0))  # deterministic
 
 
+def test_blas_products_where_blas_is_single_threaded_give_the_same_pair():
+    """In a process whose BLAS runs on one thread (the servers) the products are BLAS's, elsewhere
+    einsum's: the same hyperplane (still scikit-learn's) and the same contrast basis either way."""
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    from conceptlens.service.contrast import blas_single_threaded
+
+    xa, xb = planted_clusters(300, 200, 120, seed=11)
+    with threadpool_limits(limits=1, user_api="blas"):
+        assert blas_single_threaded()
+        w1, b1 = fit_hyperplane(xa, xb)
+        basis1 = contrast_basis(xa, w1, b1, 4, seed=0)
+        assert np.array_equal(basis1, contrast_basis(xa, w1, b1, 4, seed=0))  # deterministic
+    x = np.concatenate([xa, xb]).astype(np.float64)
+    ref = LogisticRegression(C=1.0 / (1e-3 * len(x)), class_weight="balanced", tol=1e-10, max_iter=10000).fit(
+        x, np.r_[np.ones(len(xa)), np.zeros(len(xb))])
+    assert np.linalg.norm(w1 - ref.coef_[0]) <= 0.02 * np.linalg.norm(ref.coef_[0])
+    with threadpool_limits(limits=2, user_api="blas"):
+        if blas_single_threaded():
+            pytest.skip("this process's BLAS cannot run on two threads")
+        w2, b2 = fit_hyperplane(xa, xb)
+        basis2 = contrast_basis(xa, w2, b2, 4, seed=0)
+    assert cosine(w1, w2) > 0.9999 and b1 == pytest.approx(b2, rel=1e-3, abs=1e-4)
+    assert min(cosine(p, q) for p, q in zip(basis1, basis2)) > 0.999  # same rows, same order
+
+
+def test_float16_samples_convert_exactly():
+    from conceptlens.service.contrast import as_float32
+
+    bits = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(256, 256)[:, ::3]  # strided
+    got = as_float32(bits)
+    assert got.dtype == np.float32 and np.array_equal(got, bits.astype(np.float32), equal_nan=True)
+    assert as_float32(np.ones((2, 2), np.float64)).dtype == np.float32
+
+
 def test_contrast_basis_needs_pixels_on_a_side():
     xa = np.ones((10, 4), np.float32)
     with pytest.raises(ValueError, match="too few"):

@@ -299,6 +299,50 @@ def test_metrics_endpoint(server, client):
     assert metric_value(text, "conceptlens_ready") == 1
 
 
+def test_per_class_series_are_bounded_the_rest_are_other():
+    """The first N classes explained keep their own presence and residual series for good; later
+    classes add their residuals to class_id="other" and no presences (concept j differs per class)."""
+    from conceptlens.service.metrics import Metrics
+
+    m = Metrics(concept_metrics_classes=3)
+    for cid in (4, 0, 7, 4, 9, 1, 9, 0):  # 4, 0, 7 come first; 9 and 1 come after the bound is reached
+        m.explanation(cid, f"c{cid}", np.full(2, 0.5), residual=0.25, relative=0.1)
+    text = m.text().decode()
+    labelled = {ln.split('class_id="')[1].split('"')[0] for ln in text.splitlines()
+                if 'class_id="' in ln and not ln.startswith("#")}
+    assert labelled == {"4", "0", "7", "other"}
+    assert metric_value(text, "conceptlens_residual_count", class_id="4") == 2
+    assert metric_value(text, "conceptlens_residual_count", class_id="0") == 2
+    assert metric_value(text, "conceptlens_residual_count", class_id="other", class_name="other") == 3
+    assert metric_value(text, "conceptlens_relative_residual_count", class_id="other") == 3
+    assert metric_value(text, "conceptlens_concept_presence_count", class_id="7", concept="1") == 1
+    assert metric_value(text, "conceptlens_concept_presence_count", class_id="other") == 0
+    with pytest.raises(ValueError):
+        Metrics(concept_metrics_classes=-1)
+    none = Metrics(concept_metrics_classes=0)  # 0: every class in "other"
+    none.explanation(2, "c2", np.ones(3), residual=1.0, relative=0.5)
+    assert metric_value(none.text().decode(), "conceptlens_residual_count", class_id="other") == 1
+    assert 'class_id="2"' not in none.text().decode()
+
+
+def test_server_bounds_per_class_series(tiny_bundle):
+    srv = ServerThread(ServerConfig(bundle=str(tiny_bundle), port=0, metrics_port=0, cache_size=0,
+                                    concept_metrics_classes=2, no_warmup=True))
+    try:
+        with ExplainClient(srv.target) as c:
+            c.explain(IMAGE, classes=[5, 3, 0, 1])
+            c.explain(jpeg_bytes(3), classes=[1, 5])
+        text = srv.metrics_text()
+        assert metric_value(text, "conceptlens_residual_count", class_id="5") == 2
+        assert metric_value(text, "conceptlens_residual_count", class_id="3") == 1
+        assert metric_value(text, "conceptlens_residual_count", class_id="other") == 3  # 0, 1 and 1 again
+        assert 'class_id="0"' not in text and 'class_id="1"' not in text
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match="concept-metrics-classes"):
+        ServerConfig(bundle="b", concept_metrics_classes=-1).validate()
+
+
 # -- servers of their own: auth, drain, queue limits, deadlines ------------------------------------
 class GatedRuntime:
     """The real ONNX runtime behind a gate the test opens and closes."""
