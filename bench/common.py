@@ -80,3 +80,23 @@ def parse_torch_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespa
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
+
+
+def subset_shard(n: int) -> Path:
+    """The first ``n`` samples of CIFAR-10's first training shard as a tar (cached), with classes.txt."""
+    import tarfile
+
+    dest = CACHE / f"cifar-train-{n}.tar"
+    if dest.is_file():
+        return dest
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / "classes.txt").write_bytes((DATA / "cifar10" / "classes.txt").read_bytes())
+    tmp = dest.with_suffix(".tmp")
+    with tarfile.open(DATA / "cifar10" / "train-000.tar.gz") as tin, tarfile.open(tmp, "w") as tout:
+        index: dict[str, int] = {}
+        for m in tin:
+            if index.setdefault(m.name.split(".", 1)[0], len(index)) >= n:
+                break
+            tout.addfile(m, tin.extractfile(m))
+    tmp.rename(dest)
+    return dest

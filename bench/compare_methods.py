@@ -22,31 +22,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, DATA  # noqa: E402
+from common import subset_shard  # noqa: E402
 
 METHODS = ("nmf", "face", "attribution", "directions")
 COLUMNS = ("ice_fidelity", "top1_agreement", "accuracy_reconstructed", "c_del", "c_ins", "gini", "recon_error",
            "k", "lambda")
 ORDER_COLUMNS = ("c_del_contribution", "c_ins_contribution", "c_del_sobol", "c_ins_sobol", "gini_sobol")
-
-
-def subset_shard(n: int) -> Path:
-    import tarfile
-
-    dest = CACHE / f"cifar-train-{n}.tar"
-    if dest.is_file():
-        return dest
-    CACHE.mkdir(parents=True, exist_ok=True)
-    (CACHE / "classes.txt").write_bytes((DATA / "cifar10" / "classes.txt").read_bytes())
-    tmp = dest.with_suffix(".tmp")
-    with tarfile.open(DATA / "cifar10" / "train-000.tar.gz") as tin, tarfile.open(tmp, "w") as tout:
-        index: dict[str, int] = {}
-        for m in tin:
-            if index.setdefault(m.name.split(".", 1)[0], len(index)) >= n:
-                break
-            tout.addfile(m, tin.extractfile(m))
-    tmp.rename(dest)
-    return dest
 
 
 def main() -> None:

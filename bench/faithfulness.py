@@ -35,31 +35,15 @@ import argparse
 import json
 import logging
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, DATA  # noqa: E402
+from common import CACHE, DATA, subset_shard  # noqa: E402
 
 METHODS = ("nmf", "face", "attribution", "directions")
-
-
-def cifar_shard(n: int) -> Path:
-    dest = CACHE / f"faith-cifar-{n}.tar"
-    if not dest.is_file():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".tmp")
-        with tarfile.open(DATA / "cifar10" / "train-000.tar.gz") as tin, tarfile.open(tmp, "w") as tout:
-            index: dict[str, int] = {}
-            for m in tin:
-                if index.setdefault(m.name.split(".", 1)[0], len(index)) >= n:
-                    break
-                tout.addfile(m, tin.extractfile(m))
-        tmp.rename(dest)
-    return dest
 
 
 def imagenet_folder(every: int, per_class: int = 8) -> Path:
@@ -94,7 +78,7 @@ def imagenet_folder(every: int, per_class: int = 8) -> Path:
 
 def dataset_config(name: str, work: Path) -> dict:
     if name == "cifar":
-        return dict(model="efficientnet-lite0", data=str(cifar_shard(1500)), group_by="predicted", min_images=30,
+        return dict(model="efficientnet-lite0", data=str(subset_shard(1500)), group_by="predicted", min_images=30,
                     max_images=120)
     if name == "imagenet":
         return dict(model="efficientnet-lite0", data=str(imagenet_folder(10)), group_by="label", min_images=5,

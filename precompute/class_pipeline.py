@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -180,6 +181,7 @@ class ClassPipeline:
         h, w = data.feats.shape[2:]
         boxes = window_boxes(h, w, cfg.prototype_cells, pre.crop)
 
+        @functools.lru_cache(maxsize=None)  # a stitched crop is also a served prototype: cut it once
         def crop_bytes(crop) -> bytes:
             return crop_jpeg(pool.view_jpeg(crop.ref), boxes[crop.window])
 
@@ -217,9 +219,7 @@ class ClassPipeline:
                                 reference=self.access.deeplift_reference())
         tensors = {"samples": px.astype(np.float16)}
         logits = logits_of(data.feats, self.hw, self.hb, self.hfn)
-        sizes = {c: (self.records.count(c) if hasattr(self.records, "count") else len(self.records[c]))
-                 for c in self.records}
-        other = most_confused(logits, cls, {c for c, n in sizes.items() if n >= 2} - {cls})
+        other = most_confused(logits, cls, {c for c in self.records if self.records.count(c) >= 2} - {cls})
         if other is None or len(px) < len(fit.basis):
             return {}, tensors
         return self.contrast_pair(cls, other, px, self.records[other], head, tensors, len(fit.basis)), tensors

@@ -61,27 +61,20 @@ class FeatureStore(Mapping):
             if len(rs) > max_images:  # the same bottom-k as extraction's reservoirs: a single run's images
                 rs = sorted(rs, key=lambda r: (sample_rank(r.key, seed), r.key))[:max_images]
             self.refs[cls] = sorted(rs, key=lambda r: r.key)
-        self._kept = {(r.part, r.cls, r.row) for rs in self.refs.values() for r in rs}
 
     # --- Mapping: class -> records, read on access ---
     def __getitem__(self, cls: int) -> list[Record]:
         from safetensors import safe_open
 
         refs = self.refs[cls]
-        out: list[Record] = []
-        by_part: dict[int, list[ImageRef]] = {}
-        for r in refs:
-            by_part.setdefault(r.part, []).append(r)
-        loaded: dict[tuple[int, int], Record] = {}
-        for pi, rs in by_part.items():
+        loaded: dict[ImageRef, Record] = {}
+        for pi in sorted({r.part for r in refs}):  # each part opened once
             with safe_open(str(self.parts[pi]), framework="numpy") as f:
                 feats = f.get_slice(f"feat/{cls}")
-                for r in rs:
-                    loaded[(r.part, r.row)] = Record(r.key, feats[r.row:r.row + 1][0], r.predicted, r.label,
-                                                     f.get_tensor(f"jpeg/{cls}/{r.row}").tobytes())
-        for r in refs:
-            out.append(loaded[(r.part, r.row)])
-        return out
+                for r in (r for r in refs if r.part == pi):
+                    loaded[r] = Record(r.key, feats[r.row:r.row + 1][0], r.predicted, r.label,
+                                       f.get_tensor(f"jpeg/{cls}/{r.row}").tobytes())
+        return [loaded[r] for r in refs]  # in key order
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.refs)

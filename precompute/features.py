@@ -54,7 +54,7 @@ class Reservoir:
     seen: int = 0
     heap: list = field(default_factory=list)  # (-rank, key, record): the largest kept rank on top
 
-    def offer(self, rec: Record, rng=None) -> None:
+    def offer(self, rec: Record) -> None:
         import heapq
 
         self.seen += 1
@@ -217,18 +217,3 @@ def safetensors_info(source: bytes | Path) -> dict:
             header = f.read(int.from_bytes(f.read(8), "little"))
     meta = json.loads(header).get("__metadata__") or {}
     return json.loads(meta["info"])
-
-
-def load_part(path: Path) -> tuple[dict, dict[int, list[Record]]]:
-    """Read a part written by :func:`save_part`: (info, class -> records); the file is read once."""
-    from safetensors.numpy import load
-
-    data = path.read_bytes()
-    tensors, info = load(data), safetensors_info(data)  # noqa: the whole part: tests and tools only
-    out: dict[int, list[Record]] = {}
-    for key, c in info["classes"].items():
-        cls = int(key)
-        feats = tensors[f"feat/{cls}"]
-        out[cls] = [Record(k, feats[j], p, l, tensors[f"jpeg/{cls}/{j}"].tobytes())
-                    for j, (k, p, l) in enumerate(zip(c["keys"], c["predicted"], c["labels"]))]
-    return info, out

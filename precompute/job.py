@@ -18,16 +18,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 from ..service.bundle import atomic_write_bytes, atomic_write_json, class_index
 from .class_pipeline import ClassPipeline, LearnSettings
 from .config import AUTO_METHOD, NEEDS_NON_NEGATIVE, JobError, PrecomputeConfig, parse_shard  # noqa: F401 (re-exported)
 from .datasets import Dataset, open_dataset
 from .learner_params import LearnerParamsError, resolve_learner_params
-from .model_access import ModelAccess, resolve_torch_device
+from .learners.nmf import resolve_device
+from .model_access import ModelAccess
 from .feature_store import FeatureStore
-from .features import Progress, Record, extract, safetensors_info, save_part
+from .features import Progress, extract, safetensors_info, save_part
 from .models import PreprocessingOverrides, SplitModel, load_model
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class Job:
                          len(names), len(names), ", ".join(f"{i}={n}" for i, n in enumerate(names[:6]))
                          + (", ..." if len(names) > 6 else ""))
                 m.class_names = list(names)
-            self._model = m.to(resolve_torch_device(self.cfg.device))
+            self._model = m.to(resolve_device(self.cfg.device))
         return self._model
 
     @property
@@ -169,9 +169,9 @@ class Job:
                 raise JobError(f"{p} was written by a run with another configuration")
         return store, store.totals
 
-    def eligible_classes(self, records) -> list[int]:
+    def eligible_classes(self, records: FeatureStore) -> list[int]:
         names = self.model.class_names
-        size = records.count if hasattr(records, "count") else (lambda c: len(records[c]))
+        size = records.count
         wanted = None
         if self.cfg.classes:
             wanted = set()
@@ -233,11 +233,10 @@ class Job:
         return ClassPipeline(self.access, LearnSettings(self.cfg, self.method, self.signed, params), records, pool,
                              prototype_ranking=self.cfg.prototype_ranking)
 
-    def resolve_method(self, records: dict[int, list[Record]]) -> str:
+    def resolve_method(self, records: FeatureStore) -> str:
         """The learner for this layer: ``auto`` picks seminmf where activations are signed, nmf else;
         a learner that needs non-negative activations is refused on a signed layer."""
-        low = records.min_activation() if hasattr(records, "min_activation") else min(
-            (float(r.features.min()) for rs in records.values() for r in rs), default=0.0)
+        low = records.min_activation()
         self.signed = low < 0
         method = self.cfg.method
         if method == AUTO_METHOD:

@@ -35,7 +35,7 @@ class LearnerParams:
         if missing:
             raise LearnerParamsError(f"{', '.join(sorted(missing))} of --method {self.method} must be chosen "
                                      f"per class before a fit")
-        return {**self.fixed, **{k: v for k, v in chosen.items()}}
+        return {**self.fixed, **chosen}
 
 
 def resolve_learner_params(method: str, params: dict | None) -> LearnerParams:

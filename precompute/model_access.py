@@ -15,18 +15,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .learners.nmf import resolve_device
 from .models import SplitModel
 
 log = logging.getLogger(__name__)
 
 Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (N,3,S,S) float32 -> features, logits
-
-
-def resolve_torch_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N`` -> a torch device."""
-    from .learners.nmf import resolve_device
-
-    return resolve_device(name)
 
 
 class ModelAccess:
@@ -43,7 +37,7 @@ class ModelAccess:
 
     @property
     def device(self) -> torch.device:
-        return resolve_torch_device(self.device_name)
+        return resolve_device(self.device_name)
 
     @property
     def onnx_path(self) -> Path:
