@@ -134,11 +134,27 @@ def stitch(crops: list[bytes], size: int) -> Image.Image:
 STITCH_CONCEPTS = 4  # the paper's n: the class's 4 most important concepts, one top crop each
 
 
+def stitch_picks(per_concept: list[list], concepts: list[int], n: int) -> list:
+    """The ``n`` crops to stitch: the top crop of each concept in ``concepts`` (most important
+    first); a class with fewer than ``n`` concepts fills the other places with its concepts' next
+    crops in the same order (rank 2 of the first, of the second, ...), so every class is tested on
+    ``n`` crops: an empty place would be a black tile, itself an input the model reads."""
+    picks, rank = [], 0
+    while len(picks) < n:
+        row = [per_concept[j][rank] for j in concepts if len(per_concept[j]) > rank]
+        if not row:
+            break
+        picks.extend(row[:n - len(picks)])
+        rank += 1
+    return picks
+
+
 def stitched_test(mined: dict, importance_order: list[int], crop_bytes: Callable, cid: int, forward,
                   normalize: Callable, size: int, class_names: list[str], ranking: str,
                   n: int = STITCH_CONCEPTS) -> dict:
     """Herdt & Otero Baguer's test: the top crop of each of the class's ``n`` most important concepts
-    (``importance_order``: concept indices, most important first) stitched into one image, which the
+    (``importance_order``: concept indices, most important first; :func:`stitch_picks` where the
+    class has fewer than ``n``) stitched into one image, which the
     model should classify as ``cid``; both variants: crops from any pool image (``pass``), and only
     from images the model does not predict as ``cid`` (``pass_excluding_class``).
 
@@ -149,7 +165,7 @@ def stitched_test(mined: dict, importance_order: list[int], crop_bytes: Callable
     by_ranking: dict[str, dict] = {}
     for (rank_name, exclude), per_concept in mined.items():
         label = "_excluding_class" if exclude else ""
-        picks = [per_concept[j][0] for j in concepts if per_concept[j]]
+        picks = stitch_picks(per_concept, concepts, n)
         if not picks:
             continue
         x = normalize(stitch([crop_bytes(p) for p in picks], size))[None]

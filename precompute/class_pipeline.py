@@ -3,12 +3,14 @@
     split      the class's reservoir -> train / held-out feature maps (seeded)
     fit        the learner on the train maps -> basis (k, C), weights, the single-class explainer
     evaluate   served codes, held-out and train metrics, deletion/insertion curves, stability
-    prototypes crop scores over the pool -> the stitched-prototype test and the top crops
     contrast   attribution-filtered pixels, the most confused class's precomputed pair, shift test
     examples   a few images' codes (heatmaps for the report)
+    prototypes the class's mined crops (one streamed pass of the pool for all of a shard's classes,
+               :func:`.prototypes.mine_classes`) -> the stitched-prototype test and the top crops
 
-:class:`ClassResult` gathers the tensors and the manifest entry that the job writes to
-``classes/<id>.safetensors``.
+:meth:`ClassPipeline.learn` runs every step but the last; :meth:`ClassPipeline.finish` adds the
+prototypes. :class:`ClassResult` gathers the tensors and the manifest entry that the job writes to
+``classes/staged/<id>.safetensors`` after learn and ``classes/<id>.safetensors`` when finished.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .evaluate import evaluate_class, logits_of, served_codes, single_class_expl
 from .features import Record
 from .learner_params import LearnerParams
 from .model_access import ModelAccess
-from .prototypes import DEFAULT_RANKING, crop_jpeg, mine
+from .prototypes import DEFAULT_RANKING, crop_jpeg, mine_classes
 
 log = logging.getLogger(__name__)
 
@@ -167,27 +169,24 @@ class ClassPipeline:
     def curves_split(data: ClassData) -> str:
         return "held_out" if len(data.held) else "train"
 
-    def prototypes(self, data: ClassData, fit: ClassFit, metrics: dict
+    def prototypes(self, cls: int, basis: np.ndarray, order: list[int], grid: tuple[int, int], mined: dict
                    ) -> tuple[dict, list[list[dict]], dict[str, np.ndarray]]:
-        """(the stitched-prototype test, the prototypes' manifest entries, their JPEG tensors), mined
-        in one streamed pass over the pool for both rankings and both variants (:mod:`.prototypes`)."""
+        """(the stitched-prototype test, the prototypes' manifest entries, their JPEG tensors) of a
+        class from its mined crops (:func:`.prototypes.mine_classes`, one streamed pass for a shard's
+        classes); ``order``: concept indices by importance; ``grid``: the feature map's (H, W)."""
         from ..service.preprocess import normalize
         from .checks import stitched_test
         from .windows import window_boxes
 
         cfg, pool, pre = self.cfg, self.pool, self.model.preprocessing
         ranking = self.prototype_ranking
-        mined = mine(pool, fit.basis, max(1, cfg.prototypes), data.cls)
-        h, w = data.feats.shape[2:]
-        boxes = window_boxes(h, w, cfg.prototype_cells, pre.crop)
+        boxes = window_boxes(grid[0], grid[1], cfg.prototype_cells, pre.crop)
 
         @functools.lru_cache(maxsize=None)  # a stitched crop is also a served prototype: cut it once
         def crop_bytes(crop) -> bytes:
             return crop_jpeg(pool.view_jpeg(crop.ref), boxes[crop.window])
 
-        imp = np.asarray(metrics[self.curves_split(data)].get("importance") or fit.weights, np.float64)
-        order = [int(j) for j in np.argsort(-imp, kind="stable")]
-        stitched = stitched_test(mined, order, crop_bytes, data.cls, self.access.forward(),
+        stitched = stitched_test(mined, order, crop_bytes, cls, self.access.forward(),
                                  lambda im: normalize(im, pre), pre.crop, self.model.class_names, ranking)
         protos, tensors = [], {}
         for j, crops in enumerate(mined[(ranking, bool(cfg.prototypes_exclude_class))]):
@@ -269,10 +268,10 @@ class ClassPipeline:
             tensors[f"example/{i}"] = np.frombuffer(data.records[j].view_jpeg, dtype=np.uint8)
         return tensors
 
-    # --- all of them ---
-    def run(self, cls: int, seen: int) -> ClassResult:
-        from .checks import class_flags
-
+    # --- all of them: learn (every step but prototypes), then finish once the shard's crops are mined ---
+    def learn(self, cls: int, seen: int) -> ClassResult:
+        """Every step but the prototypes: the result :meth:`finish` completes (its ``info`` keeps the
+        concepts' importance order and the feature grid for it; flags come with the stitched test)."""
         import time
 
         clock = [time.perf_counter()]
@@ -288,8 +287,6 @@ class ClassPipeline:
         lap("fit")
         metrics, codes = self.evaluate(data, fit)
         lap("evaluate")
-        metrics["stitched"], protos, proto_tensors = self.prototypes(data, fit, metrics)
-        lap("prototypes")
         tensors = {"basis": fit.basis.astype(np.float32), "weights": fit.weights.astype(np.float32)}
         if fit.anchor is not None:
             tensors["anchor"] = fit.anchor.astype(np.float32)
@@ -301,10 +298,34 @@ class ClassPipeline:
             metrics["shift"] = shift
         tensors.update(contrast_tensors)
         tensors.update(self.examples(data, codes))
-        tensors.update(proto_tensors)
-        flags = class_flags(metrics, len(data.records), self.cfg.min_images)
+        imp = np.asarray(metrics[self.curves_split(data)].get("importance") or fit.weights, np.float64)
         info = {"class_id": cls, "name": self.model.class_names[cls], "k": int(fit.basis.shape[0]),
                 "images": len(data.records), "images_seen": seen, "held_out_images": int(len(data.held)),
-                "metrics": metrics, "flags": flags, "method": fit.method, "prototypes": protos,
-                "signed_features": bool(self.signed), "seconds": seconds}  # seconds: logged, not in the bundle
+                "metrics": metrics, "method": fit.method, "signed_features": bool(self.signed),
+                "seconds": seconds,  # logged, not in the bundle
+                "importance_order": [int(j) for j in np.argsort(-imp, kind="stable")],
+                "grid": [int(v) for v in data.feats.shape[2:]]}
         return ClassResult(tensors, info)
+
+    def finish(self, result: ClassResult, mined: dict) -> ClassResult:
+        """:meth:`learn`'s result with the prototypes, the stitched test and the flags, from the
+        class's mined crops (:func:`.prototypes.mine_classes`)."""
+        import time
+
+        from .checks import class_flags
+
+        t0 = time.perf_counter()
+        info = dict(result.info)
+        order, grid = info.pop("importance_order"), tuple(info.pop("grid"))
+        cls = int(info["class_id"])
+        metrics = dict(info["metrics"])
+        metrics["stitched"], protos, proto_tensors = self.prototypes(cls, result.tensors["basis"], order, grid, mined)
+        info.update(metrics=metrics, prototypes=protos, flags=class_flags(metrics, info["images"], self.cfg.min_images))
+        info["seconds"] = {**info.get("seconds", {}), "prototypes": round(time.perf_counter() - t0, 4)}
+        return ClassResult({**result.tensors, **proto_tensors}, info)
+
+    def run(self, cls: int, seen: int) -> ClassResult:
+        """One class on its own: :meth:`learn`, its crops mined over the pool, :meth:`finish`."""
+        result = self.learn(cls, seen)
+        mined = mine_classes(self.pool, {cls: result.tensors["basis"]}, max(1, self.cfg.prototypes))[cls]
+        return self.finish(result, mined)

@@ -14,11 +14,63 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from .features import Record, safetensors_info, sample_rank
+from .features import Record, sample_rank
+
+_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I64": np.int64,
+           "I32": np.int32, "BF16": None}
+
+
+class PartFile:
+    """A safetensors file read by explicit reads (``os.pread``) of the rows asked for, never mapped:
+    what a read returns is the process's memory, and nothing more of the file becomes resident
+    (a mapped part's touched pages count in the process's RSS until it is closed)."""
+
+    def __init__(self, path: Path):
+        import json
+
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None) or {}
+        self.info = json.loads(meta["info"]) if "info" in meta else {}  # what save_part wrote
+        self.base = 8 + n
+        self.tensors = header  # name -> {"dtype", "shape", "data_offsets": [begin, end]}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Tensor ``name``, or its rows ``rows`` (a step-1 slice of the first axis), as a new array."""
+        import os
+
+        t = self.tensors[name]
+        dtype = _DTYPES.get(t["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {t['dtype']}")
+        shape = list(t["shape"])
+        begin, end = t["data_offsets"]
+        if rows is not None and shape:
+            lo, hi, _ = rows.indices(shape[0])
+            row_bytes = (end - begin) // max(1, shape[0])
+            begin, end, shape[0] = begin + lo * row_bytes, begin + max(lo, hi) * row_bytes, max(0, hi - lo)
+        out = np.empty(end - begin, np.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            view, done = memoryview(out), 0
+            while done < len(out):
+                got = os.preadv(fd, [view[done:]], self.base + begin + done)
+                if got <= 0:
+                    raise OSError(f"{self.path}: short read of tensor {name}")
+                done += got
+        finally:
+            os.close(fd)
+        return out.view(dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -34,11 +86,11 @@ class ImageRef:
 
 
 @dataclass
-class WindowChunk:
-    """One part's windows for one class, the pool's unit of streaming."""
+class WindowBlock:
+    """Consecutive images of the pool (from ``first``, in pool order), the unit of streaming."""
 
+    first: int  # index into the pool's ``images`` of the block's first image
     vectors: np.ndarray  # (n, G, C) float32 mean activation of each window (not normalised)
-    images: list[ImageRef]  # (n,)
 
 
 class FeatureStore(Mapping):
@@ -46,7 +98,8 @@ class FeatureStore(Mapping):
 
     def __init__(self, parts: list[Path], max_images: int, seed: int):
         self.parts = [Path(p) for p in parts]
-        self.infos = [safetensors_info(p) for p in self.parts]
+        self.files = [PartFile(p) for p in self.parts]
+        self.infos = [f.info for f in self.files]
         refs: dict[int, list[ImageRef]] = {}
         self.seen: dict[int, int] = {}
         for pi, info in enumerate(self.infos):
@@ -64,16 +117,16 @@ class FeatureStore(Mapping):
 
     # --- Mapping: class -> records, read on access ---
     def __getitem__(self, cls: int) -> list[Record]:
-        from safetensors import safe_open
-
         refs = self.refs[cls]
         loaded: dict[ImageRef, Record] = {}
-        for pi in sorted({r.part for r in refs}):  # each part opened once
-            with safe_open(str(self.parts[pi]), framework="numpy") as f:
-                feats = f.get_slice(f"feat/{cls}")
-                for r in (r for r in refs if r.part == pi):
-                    loaded[r] = Record(r.key, feats[r.row:r.row + 1][0], r.predicted, r.label,
-                                       f.get_tensor(f"jpeg/{cls}/{r.row}").tobytes())
+        for pi in sorted({r.part for r in refs}):
+            f = self.files[pi]
+            rows = [r for r in refs if r.part == pi]
+            lo, hi = min(r.row for r in rows), max(r.row for r in rows) + 1
+            feats = f.read(f"feat/{cls}", slice(lo, hi))  # one read of the rows' span
+            for r in rows:
+                loaded[r] = Record(r.key, feats[r.row - lo], r.predicted, r.label,
+                                   f.read(f"jpeg/{cls}/{r.row}").tobytes())
         return [loaded[r] for r in refs]  # in key order
 
     def __iter__(self) -> Iterator[int]:
@@ -102,23 +155,31 @@ class FeatureStore(Mapping):
         return min((float(r.features.min()) for cls in self for r in self[cls]), default=0.0)  # older parts
 
     # --- the crop pool, streamed ---
-    def window_chunks(self) -> Iterator[WindowChunk]:
-        """Every kept image's windows, one (part, class) block at a time (never the whole pool)."""
-        from safetensors import safe_open
+    @cached_property
+    def images(self) -> list[ImageRef]:
+        """Every kept image, in pool order: classes in order, a class's images in key order (the same
+        whichever parts hold them)."""
+        return [r for cls in self.refs for r in self.refs[cls]]
 
-        for pi, info in enumerate(self.infos):
-            with safe_open(str(self.parts[pi]), framework="numpy") as f:
-                for key in info["classes"]:
-                    cls = int(key)
-                    rows = [r for r in self.refs.get(cls, ()) if r.part == pi]
-                    if not rows:
-                        continue
-                    win = f.get_tensor(f"win/{cls}")
-                    idx = np.array([r.row for r in rows])
-                    yield WindowChunk(win[idx].astype(np.float32), rows)
+    def window_blocks(self, block_images: int) -> Iterator[WindowBlock]:
+        """The pool's windows in blocks of whole classes, each at least ``block_images`` images (but
+        the last): read into memory and dropped, nothing of a part stays resident. The blocks do
+        not depend on how the data was sharded."""
+        first, pending, size = 0, [], 0
+        for cls, refs in self.refs.items():
+            rows: dict[int, np.ndarray] = {}
+            for pi in sorted({r.part for r in refs}):
+                win = self.files[pi].read(f"win/{cls}")
+                for r in refs:
+                    if r.part == pi:
+                        rows[id(r)] = win[r.row]
+            pending.append(np.stack([rows[id(r)] for r in refs]).astype(np.float32))
+            size += len(refs)
+            if size >= block_images:
+                yield WindowBlock(first, np.concatenate(pending))
+                first, pending, size = first + size, [], 0
+        if pending:
+            yield WindowBlock(first, np.concatenate(pending))
 
     def view_jpeg(self, ref: ImageRef) -> bytes:
-        from safetensors import safe_open
-
-        with safe_open(str(self.parts[ref.part]), framework="numpy") as f:
-            return f.get_tensor(f"jpeg/{ref.cls}/{ref.row}").tobytes()
+        return self.files[ref.part].read(f"jpeg/{ref.cls}/{ref.row}").tobytes()

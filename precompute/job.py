@@ -6,6 +6,8 @@ Work directory (``--work``, default ``BUNDLE.work``)::
     features/part-00000-of-00002.safetensors  extraction of data shard i (samples with index % n == i)
     classes/<class id>.safetensors            everything learned for one class (basis, weights,
                                               prototypes, metrics); class y belongs to shard y % n
+    classes/staged/<class id>.safetensors     a class learned, waiting for its shard's one pass of
+                                              prototype mining (then finished into the file above)
 
 Every file is written atomically, so a killed run leaves only finished files, and a rerun with the
 same configuration skips them. ``learn`` needs all extraction parts; ``merge`` needs all classes.
@@ -20,17 +22,19 @@ from pathlib import Path
 
 
 from ..service.bundle import atomic_write_bytes, atomic_write_json, class_index
-from .class_pipeline import ClassPipeline, LearnSettings
+from .class_pipeline import ClassPipeline, ClassResult, LearnSettings
 from .config import AUTO_METHOD, NEEDS_NON_NEGATIVE, JobError, PrecomputeConfig, parse_shard  # noqa: F401 (re-exported)
 from .datasets import Dataset, open_dataset
 from .learner_params import LearnerParamsError, resolve_learner_params
 from .learners.nmf import resolve_device
 from .model_access import ModelAccess
-from .feature_store import FeatureStore
+from .feature_store import FeatureStore, PartFile
 from .features import Progress, extract, safetensors_info, save_part
 from .models import PreprocessingOverrides, SplitModel, load_model
 
 log = logging.getLogger(__name__)
+
+MINE_BATCH = 256  # classes whose crops one pass of the pool mines (their running tops: ~m x G x k each)
 
 class Job:
     """One precompute run; the stages can run in separate processes (sharded) or all in one."""
@@ -213,15 +217,46 @@ class Job:
                      len(classes) - len(todo), len(classes), i, n)
         if not todo:
             return []
-        pool = records  # the crop pool: every kept image's windows, streamed part by part while mining
-        progress = Progress("learn classes", total=len(todo), every=0)
+        pool = records  # the crop pool: every kept image's windows, streamed block by block while mining
         pipeline = self.pipeline(records, pool)
+        staged = [c for c in todo if self._staged_done(c)]
+        if staged:
+            log.info("learn: %d classes were learned already and wait for their prototypes", len(staged))
+        progress = Progress("learn classes", total=len(todo), every=0)
+        progress.update(len(staged), extra="staged already" if staged else "")
         for cls in todo:
+            if cls in staged:
+                continue
             t0 = time.perf_counter()
-            self._learn_class(pipeline, cls, totals["seen"].get(cls, records.count(cls)))
+            self._write_class(self.staged_path(cls), pipeline.learn(cls, totals["seen"].get(cls, records.count(cls))))
             progress.update(1, extra=f"class {cls} ({self.model.class_names[cls]}) in "
                                      f"{time.perf_counter() - t0:.1f} s")
+        for lo in range(0, len(todo), MINE_BATCH):
+            self._finish_classes(pipeline, todo[lo:lo + MINE_BATCH], pool)
         return todo
+
+    def _finish_classes(self, pipeline: ClassPipeline, classes: list[int], pool) -> None:
+        """Mine the crops of ``classes`` (staged) in one pass of the pool, then finish and write each."""
+        from safetensors.numpy import load
+
+        from .prototypes import mine_classes
+
+        t0 = time.perf_counter()
+        bases = {c: PartFile(self.staged_path(c)).read("basis") for c in classes}
+        mined = mine_classes(pool, bases, max(1, self.cfg.prototypes))
+        log.info("prototypes: %d classes' concepts mined over %d pool images in one pass, %.1f s; peak RSS %.0f MiB",
+                 len(classes), len(pool.images), time.perf_counter() - t0, peak_rss_mib())
+        progress = Progress("finish classes", total=len(classes), every=0)
+        for cls in classes:
+            path = self.staged_path(cls)
+            raw = path.read_bytes()
+            info = safetensors_info(raw)
+            info.pop("config_hash", None)
+            result = pipeline.finish(ClassResult(load(raw), info), mined[cls])
+            self._write_class(self.class_path(cls), result)
+            path.unlink()
+            self._log_class(result.info)
+            progress.update(1, extra=f"class {cls}")
 
     def pipeline(self, records, pool=None) -> ClassPipeline:
         """The per-class steps for this job's learner (``self.method``, from :meth:`resolve_method`), its
@@ -259,18 +294,32 @@ class Job:
         except Exception:
             return False
 
-    def _learn_class(self, pipeline, cls: int, seen: int) -> None:
-        """Learn one class (precompute/class_pipeline.py) and write its file atomically."""
+    def staged_path(self, cid: int) -> Path:
+        """A class learned but not yet finished (waiting for its shard's prototype pass)."""
+        return self.work / "classes" / "staged" / f"{cid}.safetensors"
+
+    def _staged_done(self, cls: int) -> bool:
+        path = self.staged_path(cls)
+        try:
+            return path.is_file() and safetensors_info(path)["config_hash"] == self.hash
+        except Exception:
+            return False
+
+    def _write_class(self, path: Path, result: ClassResult) -> None:
+        """A class's tensors and manifest entry, atomically, stamped with the run's configuration hash."""
         from safetensors.numpy import save
 
-        result = pipeline.run(cls, seen)
         info = {"config_hash": self.hash, **result.info}
-        atomic_write_bytes(self.class_path(cls), save(result.tensors, metadata={"info": json.dumps(info)}))
+        atomic_write_bytes(path, save(result.tensors, metadata={"info": json.dumps(info)}))
+
+    @staticmethod
+    def _log_class(info: dict) -> None:
         held, flags = info["metrics"].get("held_out", {}), info["flags"]
         steps = ", ".join(f"{k} {v:.2f}" for k, v in info.get("seconds", {}).items())
         log.info("class %d (%s): %d images, k %d, held-out ICE fidelity %.3f, top-1 agreement %.2f%s; seconds: %s; "
-                 "peak RSS %.0f MiB", cls, info["name"], info["images"], info["k"], held.get("ice_fidelity", float("nan")),
-                 held.get("top1_agreement", float("nan")), f", flags {flags}" if flags else "", steps, peak_rss_mib())
+                 "peak RSS %.0f MiB", info["class_id"], info["name"], info["images"], info["k"],
+                 held.get("ice_fidelity", float("nan")), held.get("top1_agreement", float("nan")),
+                 f", flags {flags}" if flags else "", steps, peak_rss_mib())
 
     # ---- stage 3: merge ------------------------------------------------------------------------
     def merge(self) -> Path:

@@ -1,20 +1,26 @@
-"""Prototype mining: each concept's top crops over a pool of images, streamed with a bounded top-m.
+"""Prototype mining: each concept's top crops over a pool of images, for every class of a learn
+shard in one streamed pass.
 
 The pool is the crop grid of every kept image (:mod:`.windows`: 2x2-cell windows, a 3x3 grid of a
-7x7 map), read one block at a time (:meth:`.feature_store.FeatureStore.window_chunks`), never held
-whole. Two rankings of a crop for concept j:
+7x7 map), read in blocks of whole classes (:meth:`.feature_store.FeatureStore.window_blocks`), never
+held whole. Each block's window means V (rows, C) meet all the shard's concept directions in one
+product P = V U^T (U: unit directions, ``CLASS_GROUP`` classes at a time); both rankings of a crop
+for concept j come from it:
 
 - ``cosine``: cosine similarity of the window's mean activation to the concept direction (Herdt &
   Otero Baguer's ranking, made for ImageNet models on ImageNet data). It ignores how much of the
   concept is there: a near-black crop whose few activations point the right way can top it.
 - ``code``: the concept's code in the window as the explain core serves it: the NNLS projection of
   the window's mean activation onto the class basis (the same projection as a served image's
-  presence), i.e. how much of the concept the crop holds, next to the other concepts.
+  presence), i.e. how much of the concept the crop holds, next to the other concepts. The NNLS
+  solver takes the correlations V B^T, which are P scaled by the basis norms: no second product.
 
 Each concept keeps its top ``m`` crops, at most one per source image, for each ranking and each
 variant (all pool images, or only those the model does not predict as the class): per block the
 best ``m x G`` candidates (G windows per image: m distinct images are always among them) are merged
-into a running top of the same size.
+into a running top of the same size, ties broken by image key and window. The blocks are the same
+whatever the sharding (whole classes in class order, images in key order), so a sharded run mines
+exactly what a single run mines.
 """
 from __future__ import annotations
 
@@ -25,12 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .feature_store import ImageRef, WindowChunk
+from .feature_store import ImageRef, WindowBlock
 from .features import Record
 from .windows import window_means
 
 RANKINGS = ("code", "cosine")
 DEFAULT_RANKING = "code"  # chosen by the stitched test over both (README: Prototypes; bench/faithfulness.py)
+BLOCK_IMAGES = 1024  # images per streamed block (whole classes): rows = images x windows
+CLASS_GROUP_CELLS = 1 << 23  # rows x directions of one product (P and its scores: ~32 MB float32 each)
 
 
 @dataclass(frozen=True)
@@ -44,93 +52,124 @@ class Crop:
 
 
 class RecordPool:
-    """A pool of records held in memory (tests, benches), streamed like a :class:`FeatureStore`."""
+    """A pool of records held in memory (tests, benches), streamed like a :class:`FeatureStore`
+    (records in the given order, one block of ``block`` images at a time)."""
 
     def __init__(self, records: list[Record], cells: int = 2, block: int = 256):
         self.records, self.cells, self.block = records, cells, block
+        self.images = [ImageRef(-1, -1, i, r.key, r.predicted, r.label) for i, r in enumerate(records)]
 
-    def window_chunks(self) -> Iterator[WindowChunk]:
+    def window_blocks(self, block_images: int = BLOCK_IMAGES) -> Iterator[WindowBlock]:
         for i in range(0, len(self.records), self.block):
             recs = self.records[i:i + self.block]
-            refs = [ImageRef(-1, -1, i + j, r.key, r.predicted, r.label) for j, r in enumerate(recs)]
-            yield WindowChunk(window_means(np.stack([r.features for r in recs]), self.cells), refs)
+            yield WindowBlock(i, window_means(np.stack([r.features for r in recs]), self.cells))
 
     def view_jpeg(self, ref: ImageRef) -> bytes:
         return self.records[ref.row].view_jpeg
 
 
-def crop_scores(vectors: np.ndarray, basis: np.ndarray, projector=None) -> dict[str, np.ndarray]:
-    """Both rankings' scores (n, k) of window mean activations ``vectors`` (n, C) for ``basis`` (k, C).
+class _RunningTop:
+    """For one ranking and variant, the running top ``cap`` crops of every concept column:
+    score, image (pool index), window, cosine: each (cap, J)."""
 
-    ``projector``: the class's :class:`~conceptlens.service.nnls.NNLSProjector` (built once a class)."""
+    def __init__(self, cap: int, columns: int):
+        self.cap = cap
+        self.score = np.full((cap, columns), -np.inf, np.float32)
+        self.image = np.full((cap, columns), -1, np.int64)
+        self.window = np.zeros((cap, columns), np.int64)
+        self.cosine = np.zeros((cap, columns), np.float32)
+
+    def offer(self, cols: slice, scores: np.ndarray, cosines: np.ndarray, first_image: int, windows: int,
+              key_rank: np.ndarray) -> None:
+        """Merge a block's scores (rows, J_g) for columns ``cols``: rows are (image, window) pairs of
+        images first_image.. in pool order; masked rows carry -inf."""
+        rows = scores.shape[0]
+        top = min(self.cap, rows)
+        idx = np.argpartition(-scores, top - 1, axis=0)[:top] if top < rows else \
+            np.broadcast_to(np.arange(rows)[:, None], scores.shape)
+        cand_score = np.take_along_axis(scores, idx, axis=0)
+        cand_cos = np.take_along_axis(cosines, idx, axis=0)
+        score = np.concatenate([self.score[:, cols], cand_score])
+        image = np.concatenate([self.image[:, cols], first_image + idx // windows])
+        window = np.concatenate([self.window[:, cols], idx % windows])
+        cosine = np.concatenate([self.cosine[:, cols], cand_cos])
+        rank = np.where(image >= 0, key_rank[np.maximum(image, 0)], np.iinfo(np.int64).max)
+        # best score first; ties by image key, then window: the same whatever the blocks' order
+        order = np.lexsort((window.T, rank.T, -score.T), axis=-1).T[:self.cap]
+        for name, arr in (("score", score), ("image", image), ("window", window), ("cosine", cosine)):
+            getattr(self, name)[:, cols] = np.take_along_axis(arr, order, axis=0)
+
+    def crops(self, col: int, m: int, images: list[ImageRef]) -> list[Crop]:
+        """The column's top ``m`` crops, one per source image, best first."""
+        chosen, used = [], set()
+        for score, image, window, cos in zip(self.score[:, col], self.image[:, col], self.window[:, col],
+                                             self.cosine[:, col]):
+            if image < 0 or not np.isfinite(score) or image in used:
+                continue
+            chosen.append(Crop(images[image], int(window), float(score), float(cos)))
+            used.add(image)
+            if len(chosen) == m:
+                break
+        return chosen
+
+
+def mine_classes(pool, bases: dict[int, np.ndarray], m: int, rankings: tuple[str, ...] = RANKINGS,
+                 block_images: int = BLOCK_IMAGES) -> dict[int, dict[tuple[str, bool], list[list[Crop]]]]:
+    """Top ``m`` crops per concept of each class's basis (``bases``: class -> (k, C)) over ``pool``
+    (streamed once for all the classes), for each ranking and both variants:
+    class -> ``(ranking, exclude_class)`` -> [concept][rank] :class:`Crop`; with ``exclude_class``
+    no crop comes from an image the model predicts as the class."""
     from ..service.nnls import NNLSProjector
 
-    vectors = np.asarray(vectors, np.float32)
-    dirs = basis / (np.linalg.norm(basis, axis=1, keepdims=True) + 1e-12)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12
-    projector = projector or NNLSProjector.from_basis(basis)
-    return {"cosine": (vectors @ dirs.T) / norms, "code": projector.project(vectors)}
-
-
-class TopCrops:
-    """A bounded running top of ``m x windows`` crops per concept for one ranking and variant."""
-
-    def __init__(self, k: int, m: int, windows: int):
-        self.m, self.cap = m, max(1, m * windows)
-        self.scores = [np.zeros(0, np.float32) for _ in range(k)]
-        self.crops: list[list[tuple]] = [[] for _ in range(k)]
-
-    def offer(self, scores: np.ndarray, cosines: np.ndarray, allowed: np.ndarray, refs: list[ImageRef],
-              windows: int) -> None:
-        """scores, cosines (n * G, k) of one block; allowed (n * G,) bool; refs (n,) source images."""
-        for j in range(scores.shape[1]):
-            col = np.where(allowed, scores[:, j], -np.inf)
-            top = min(self.cap, int(allowed.sum()))
-            if top == 0:
-                continue
-            idx = np.argpartition(-col, top - 1)[:top] if top < len(col) else np.flatnonzero(allowed)
-            new = [(float(col[i]), refs[i // windows], int(i % windows), float(cosines[i, j])) for i in idx]
-            merged = sorted(self.crops[j] + new, key=lambda t: (-t[0], t[1].key, t[2]))[:self.cap]
-            self.crops[j] = merged
-
-    def result(self) -> list[list[Crop]]:
-        """Per concept, the top ``m`` crops, one per source image, best first."""
-        out = []
-        for cands in self.crops:
-            chosen, used = [], set()
-            for score, ref, window, cos in cands:
-                if ref.key in used:
-                    continue
-                chosen.append(Crop(ref, window, score, cos))
-                used.add(ref.key)
-                if len(chosen) == self.m:
-                    break
-            out.append(chosen)
-        return out
+    classes = sorted(bases)
+    ks = [int(bases[c].shape[0]) for c in classes]
+    offsets = np.concatenate([[0], np.cumsum(ks)]).astype(int)
+    col_class = np.repeat(np.asarray(classes, np.int64), ks)
+    basis_all = np.concatenate([np.asarray(bases[c], np.float32) for c in classes]) if classes else \
+        np.zeros((0, 1), np.float32)
+    norms = np.linalg.norm(basis_all, axis=1).astype(np.float32) + np.float32(1e-12)
+    units = basis_all / norms[:, None]
+    projectors = {c: NNLSProjector.from_basis(bases[c]) for c in classes}
+    images = pool.images
+    key_rank = np.empty(len(images), np.int64)
+    key_rank[sorted(range(len(images)), key=lambda i: images[i].key)] = np.arange(len(images))
+    predicted = np.asarray([r.predicted for r in images], np.int64)
+    tops: dict[tuple[str, bool], _RunningTop] = {}
+    for block in pool.window_blocks(block_images):
+        n, g, c = block.vectors.shape
+        if not tops:
+            tops = {(r, ex): _RunningTop(max(1, m * g), len(col_class)) for r in rankings for ex in (False, True)}
+        v = block.vectors.reshape(n * g, c)
+        vnorm = np.linalg.norm(v, axis=1, keepdims=True) + np.float32(1e-12)
+        pred_rows = np.repeat(predicted[block.first:block.first + n], g)
+        per_group = max(1, CLASS_GROUP_CELLS // max(1, n * g * max(ks, default=1)))
+        for gi in range(0, len(classes), per_group):
+            lo, hi = offsets[gi], offsets[min(gi + per_group, len(classes))]
+            cols = slice(lo, hi)
+            proj = v @ units[lo:hi].T  # (rows, J_g): v . u_j
+            scores = {"cosine": proj / vnorm}
+            if "code" in rankings:
+                code = np.empty_like(proj)
+                for ci in range(gi, min(gi + per_group, len(classes))):
+                    a, b = offsets[ci] - lo, offsets[ci + 1] - lo
+                    code[:, a:b] = projectors[classes[ci]].project_from_correlations(proj[:, a:b] * norms[lo + a:lo + b])
+                scores["code"] = code
+            own = pred_rows[:, None] == col_class[None, lo:hi]  # rows of images predicted as the column's class
+            for (ranking, exclude), top in tops.items():
+                s = np.where(own, -np.inf, scores[ranking]).astype(np.float32) if exclude else scores[ranking]
+                top.offer(cols, s, scores["cosine"], block.first, g, key_rank)
+    out = {}
+    for ci, cls in enumerate(classes):
+        cols = range(offsets[ci], offsets[ci + 1])
+        out[cls] = {key: [top.crops(j, m, images) if tops else [] for j in cols] for key, top in tops.items()} \
+            if tops else {(r, ex): [[] for _ in cols] for r in rankings for ex in (False, True)}
+    return out
 
 
 def mine(pool, basis: np.ndarray, m: int, cls: int, rankings: tuple[str, ...] = RANKINGS
          ) -> dict[tuple[str, bool], list[list[Crop]]]:
-    """Top ``m`` crops per concept of ``basis`` (k, C) over ``pool`` (streamed), for each ranking and
-    both variants: ``(ranking, exclude_class)`` -> [concept][rank] :class:`Crop`; with
-    ``exclude_class`` no crop comes from an image the model predicts as ``cls``."""
-    from ..service.nnls import NNLSProjector
-
-    k = basis.shape[0]
-    projector = NNLSProjector.from_basis(basis)
-    tops: dict[tuple[str, bool], TopCrops] = {}
-    for chunk in pool.window_chunks():
-        n, g, c = chunk.vectors.shape
-        if not tops:
-            tops = {(r, ex): TopCrops(k, m, g) for r in rankings for ex in (False, True)}
-        flat = chunk.vectors.reshape(n * g, c)
-        scores = crop_scores(flat, basis, projector)
-        other = np.repeat(np.array([ref.predicted != cls for ref in chunk.images]), g)
-        for (ranking, exclude), top in tops.items():
-            top.offer(scores[ranking], scores["cosine"], other if exclude else np.ones(n * g, bool), chunk.images, g)
-    if not tops:
-        return {(r, ex): [[] for _ in range(k)] for r in rankings for ex in (False, True)}
-    return {key: top.result() for key, top in tops.items()}
+    """:func:`mine_classes` for one class: ``(ranking, exclude_class)`` -> [concept][rank] :class:`Crop`."""
+    return mine_classes(pool, {cls: basis}, m, rankings)[cls]
 
 
 def crop_jpeg(view_jpeg: bytes, box, quality: int = 90) -> bytes:

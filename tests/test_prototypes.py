@@ -1,0 +1,69 @@
+"""Prototype mining against an independent brute force: every crop of every image scored on its own
+(scipy's NNLS for the code, a plain cosine), sorted, one crop per image; and the stitched test's
+picks when a class has fewer concepts than places."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import nnls
+
+from conceptlens.precompute.checks import stitch_picks
+from conceptlens.precompute.features import Record
+from conceptlens.precompute.prototypes import RecordPool, mine_classes
+from conceptlens.precompute.windows import window_means
+
+
+def brute_force(records, basis, cls, m, ranking, exclude, cells):
+    scores = []
+    for r in records:
+        if exclude and r.predicted == cls:
+            continue
+        for w, v in enumerate(window_means(r.features[None], cells)[0].astype(np.float64)):
+            if ranking == "code":
+                s = nnls(basis.T.astype(np.float64), v)[0]
+            else:
+                s = basis @ v / (np.linalg.norm(basis, axis=1) * np.linalg.norm(v) + 1e-12)
+            scores.append((s, r.key, w))
+    out = []
+    for j in range(len(basis)):
+        ranked = sorted(scores, key=lambda t: (-t[0][j], t[1], t[2]))
+        chosen, used = [], set()
+        for s, key, w in ranked:
+            if key not in used:
+                chosen.append((key, w, s[j]))
+                used.add(key)
+            if len(chosen) == m:
+                break
+        out.append(chosen)
+    return out
+
+
+@pytest.mark.parametrize("block", [3, 64])  # many blocks and one: the running top merges them
+def test_mined_crops_are_the_brute_force_top(block):
+    rng = np.random.default_rng(3)
+    classes = (0, 1, 2)
+    records = []
+    for i in range(24):
+        feats = np.abs(rng.standard_normal((16, 6, 6))).astype(np.float32) * rng.uniform(0.2, 2.0)
+        records.append(Record(f"img-{i:03d}", feats, int(i % 3), None, b""))
+    bases = {c: np.abs(rng.standard_normal((2 + c, 16))).astype(np.float32) for c in classes}
+    pool = RecordPool(records, cells=2, block=block)
+    mined = mine_classes(pool, bases, m=4)
+    for c in classes:
+        for ranking in ("code", "cosine"):
+            for exclude in (False, True):
+                want = brute_force(records, bases[c], c, 4, ranking, exclude, cells=2)
+                got = mined[c][(ranking, exclude)]
+                assert len(got) == len(bases[c])
+                for j, (g, w) in enumerate(zip(got, want)):
+                    assert [(x.ref.key, x.window) for x in g] == [(k, win) for k, win, _ in w], (c, ranking, exclude, j)
+                    np.testing.assert_allclose([x.score for x in g], [s for _, _, s in w], rtol=2e-3, atol=1e-4)
+                    if exclude:
+                        assert all(x.ref.predicted != c for x in g)
+
+
+def test_stitch_picks_fill_every_place():
+    per = [[f"a{r}" for r in range(3)], [f"b{r}" for r in range(3)], [f"c{r}" for r in range(3)]]
+    assert stitch_picks(per, [2, 0, 1], 4) == ["c0", "a0", "b0", "c1"]
+    assert stitch_picks(per, [1, 0, 2, 3][:3], 2) == ["b0", "a0"]
+    assert stitch_picks([["a0"], []], [0, 1], 4) == ["a0"]  # what there is, no more
