@@ -21,7 +21,9 @@ scored through the served projection):
   importances; per class, then the mean over classes;
 - stitched: share of classes passing Herdt & Otero Baguer's test (top crop of each of the 4 most
   important concepts, stitched), allowing / excluding crops of images predicted as the class, for
-  each prototype ranking (``code``: the served NNLS code, ``cosine``: the paper's);
+  each prototype ranking (``code``: the served NNLS code, ``cosine``: the paper's); and the code
+  ranking's rates over the "predicted classes" only, those the model predicts for most of their
+  images (grouped by label, a class the model calls otherwise has little of it to show);
 - shift: mean over classes of the hyperplane shifting test's max p(target) on the most confused class.
 
 A PNG figure of the mean deletion / insertion curves per method (``--plot``).
@@ -125,6 +127,9 @@ def summarize(manifest: dict) -> dict:
         for r, res in (st.get("by_ranking") or {}).items():
             row[f"stitched_{r}"] = res.get("pass")
             row[f"stitched_{r}_excl"] = res.get("pass_excluding_class")
+        if m.get("predicted_as_class", 1.0) >= 0.5:  # the model predicts the class for most of its images
+            row["stitched_code_predicted"] = (st.get("by_ranking") or {}).get("code", {}).get("pass")
+            row["stitched_code_excl_predicted"] = (st.get("by_ranking") or {}).get("code", {}).get("pass_excluding_class")
         pairs = (m.get("shift") or {}).get("pairs") or []
         row["shift"] = pairs[0]["max_probability"] if pairs else None
         rows.append(row)
@@ -133,7 +138,9 @@ def summarize(manifest: dict) -> dict:
         vals = [float(r[key]) for r in rows if r.get(key) is not None]
         return float(np.mean(vals)) if vals else float("nan")
     out = {key: mean(key) for key in ("ice_fidelity", "c_del", "c_ins", "c_gini", "k", "shift",
-                                      "stitched_code", "stitched_code_excl", "stitched_cosine", "stitched_cosine_excl")}
+                                      "stitched_code", "stitched_code_excl", "stitched_cosine", "stitched_cosine_excl",
+                                      "stitched_code_predicted", "stitched_code_excl_predicted")}
+    out["classes_predicted"] = sum(r.get("stitched_code_predicted") is not None for r in rows)
     out["classes"] = len(rows)
     out["curves"] = [r["del_curve"] for r in rows if r["del_curve"]], [r["ins_curve"] for r in rows if r["ins_curve"]]
     return out
@@ -141,7 +148,9 @@ def summarize(manifest: dict) -> dict:
 
 COLUMNS = (("ice_fidelity", "ICE fid."), ("c_del", "C-Del"), ("c_ins", "C-Ins"), ("c_gini", "C-Gini"), ("k", "k"),
            ("stitched_code", "stitch code"), ("stitched_code_excl", "stitch code excl."),
-           ("stitched_cosine", "stitch cos"), ("stitched_cosine_excl", "stitch cos excl."), ("shift", "shift"))
+           ("stitched_cosine", "stitch cos"), ("stitched_cosine_excl", "stitch cos excl."),
+           ("stitched_code_predicted", "stitch code, predicted classes"),
+           ("stitched_code_excl_predicted", "excl., predicted classes"), ("shift", "shift"))
 
 
 def plot(results: dict, path: Path) -> None:

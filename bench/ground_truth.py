@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--used-drop", type=float, default=USED_DROP)
     ap.add_argument("--recovery-share", type=float, default=RECOVERY_SHARE)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--part-scale", type=float, default=1.0, help="every planted part's size times this")
     args = ap.parse_args(argv)
     q = args.quick
     n_train = args.train_per_class or (200 if q else 500)
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch")  # torch.jit's deprecation notes
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    world = World()
+    world = World(part_scale=args.part_scale)
     names = world.class_names
     print(f"world: {len(names)} classes of {world.size}x{world.size} images, "
           + "; ".join(f"{c} = {' + '.join(p)}" for c, p in world.classes)

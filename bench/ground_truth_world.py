@@ -31,7 +31,7 @@ Metrics (all on the model's input crop, heatmaps upsampled bilinearly from the f
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +160,7 @@ class World:
     distractors: tuple[str, ...] = DISTRACTORS
     distractor_p: float = DISTRACTOR_P
     size: int = SIZE
+    part_scale: float = 1.0  # every part's nominal extent times this (worlds of other part sizes)
 
     @property
     def class_names(self) -> list[str]:
@@ -176,6 +177,8 @@ class World:
             ok = True
             for name in rng.permutation(names):
                 kind = PARTS[str(name)]
+                if self.part_scale != 1.0:
+                    kind = replace(kind, size=max(4, round(kind.size * self.part_scale)))
                 m = _shape_mask(kind, rng)
                 h, w = m.shape
                 for _ in range(50):

@@ -299,6 +299,8 @@ class ClassPipeline:
         tensors.update(contrast_tensors)
         tensors.update(self.examples(data, codes))
         imp = np.asarray(metrics[self.curves_split(data)].get("importance") or fit.weights, np.float64)
+        # grouped by label, a class the model mostly predicts otherwise has little of it to show
+        metrics["predicted_as_class"] = float(np.mean([r.predicted == cls for r in data.records]))
         info = {"class_id": cls, "name": self.model.class_names[cls], "k": int(fit.basis.shape[0]),
                 "images": len(data.records), "images_seen": seen, "held_out_images": int(len(data.held)),
                 "metrics": metrics, "method": fit.method, "signed_features": bool(self.signed),

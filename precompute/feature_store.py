@@ -150,7 +150,7 @@ class FeatureStore(Mapping):
             for c in info["classes"].values():
                 if "min" in c:
                     lows.append(float(c["min"]))
-        if len(lows) == sum(len(i["classes"]) for i in self.infos):
+        if len(lows) == sum(1 for i in self.infos for c in i["classes"].values() if c["keys"]):
             return min(lows, default=0.0)
         return min((float(r.features.min()) for cls in self for r in self[cls]), default=0.0)  # older parts
 

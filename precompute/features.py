@@ -54,19 +54,36 @@ class Reservoir:
     seen: int = 0
     heap: list = field(default_factory=list)  # (-rank, key, record): the largest kept rank on top
 
-    def offer(self, rec: Record) -> None:
+    seen_spilled: int = 0  # of ``seen``, the offers counted in spill files already
+
+    def offer(self, rec: Record) -> int:
+        """Offer one record; returns the change in records held in memory (1 or 0)."""
         import heapq
 
         self.seen += 1
         item = (-sample_rank(rec.key, self.seed), rec.key, rec)
         if len(self.heap) < self.capacity:
             heapq.heappush(self.heap, item)
-        elif item[:2] > self.heap[0][:2]:
-            heapq.heapreplace(self.heap, item)
+            return 1
+        if item[:2] > self.heap[0][:2]:
+            out = heapq.heapreplace(self.heap, item)
+            return 0 if out[2] is not None else 1
+        return 0
 
     @property
     def items(self) -> list[Record]:
-        return [rec for _, _, rec in sorted(self.heap, key=lambda t: t[1])]
+        """The kept records still in memory (not spilled), in key order."""
+        return [rec for _, _, rec in sorted(self.heap, key=lambda t: t[1]) if rec is not None]
+
+    def spill(self) -> "Reservoir":
+        """A copy holding the in-memory records and the offers since the last spill (what a spill file
+        stores); here only their ranks stay, to keep choosing the bottom-k (records chosen now and
+        evicted later stay on disk, and :class:`.feature_store.FeatureStore` takes the bottom-k back)."""
+        out = Reservoir(self.capacity, self.seed, seen=self.seen - self.seen_spilled,
+                        heap=[t for t in self.heap if t[2] is not None])
+        self.heap = [(r, k, None) for r, k, _ in self.heap]  # same order: a heap still
+        self.seen_spilled = self.seen
+        return out
 
 
 @dataclass
@@ -75,6 +92,15 @@ class ExtractResult:
     processed: int = 0
     skipped: int = 0
     skipped_keys: list[str] = field(default_factory=list)
+    in_memory: int = 0  # records held in memory (not spilled)
+
+    def spill(self) -> "ExtractResult":
+        """The in-memory records of every class as a result of their own (a spill file's content),
+        dropped here (:meth:`Reservoir.spill`); totals stay here for the final part."""
+        out = ExtractResult({c: r.spill() for c, r in self.reservoirs.items()})
+        out.reservoirs = {c: r for c, r in out.reservoirs.items() if r.heap or r.seen}
+        self.in_memory = 0
+        return out
 
 
 class Progress:
@@ -140,8 +166,13 @@ Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (N,3,S,S) -> 
 
 def extract(dataset: Dataset, forward: Forward, preprocessing: Preprocessing, *,
             group_of: Callable[[int | None, int], int | None], shard: tuple[int, int] = (0, 1),
-            batch_size: int = 32, max_per_class: int = 200, seed: int = 0, workers: int = 2) -> ExtractResult:
+            batch_size: int = 32, max_per_class: int = 200, seed: int = 0, workers: int = 2,
+            spill: Callable[[ExtractResult], None] | None = None, spill_records: int = 0) -> ExtractResult:
     """Run the model over the shard's samples (index % n == i) and keep per-class reservoirs.
+
+    Memory: where ``spill`` is given, whenever ``spill_records`` records are held it is called with
+    :meth:`ExtractResult.spill`'s result (to write to disk), so a shard holds at most that many
+    maps whatever the data's size.
 
     ``forward`` is the exported model (the same ONNX the service runs, so precompute sees exactly
     the features the service will). ``group_of(label, predicted)`` gives the class an image
@@ -173,14 +204,16 @@ def extract(dataset: Dataset, forward: Forward, preprocessing: Preprocessing, *,
                 if cls is None:
                     continue
                 res = result.reservoirs.setdefault(cls, Reservoir(max_per_class, seed))
-                res.offer(Record(sample.key, f, int(p), sample.label, jpeg))
+                result.in_memory += res.offer(Record(sample.key, f, int(p), sample.label, jpeg))
             result.processed += len(ok)
+            if spill is not None and spill_records and result.in_memory >= spill_records:
+                spill(result.spill())
             progress.update(len(ok), extra=f"{result.skipped} skipped, {len(result.reservoirs)} classes")
     progress.update(0, extra=f"{result.skipped} skipped, {len(result.reservoirs)} classes", force=True)
     return result
 
 
-def save_part(path: Path, result: ExtractResult, config_hash: str, cells: int = 2) -> None:
+def save_part(path: Path, result: ExtractResult, config_hash: str, cells: int = 2, spills: list[str] = ()) -> None:
     """Write one extraction part as a single safetensors file (atomic): per class the feature maps
     ``feat/<cls>``, the crop windows' mean activations ``win/<cls>`` (prototype mining's pool, see
     :mod:`.windows`) and the views ``jpeg/<cls>/<j>``; read per class by :mod:`.feature_store`."""
@@ -191,15 +224,18 @@ def save_part(path: Path, result: ExtractResult, config_hash: str, cells: int = 
 
     tensors: dict[str, np.ndarray] = {}
     info: dict = {"config_hash": config_hash, "processed": result.processed, "skipped": result.skipped,
-                  "skipped_keys": result.skipped_keys, "classes": {}}
+                  "skipped_keys": result.skipped_keys, "classes": {}, "spills": list(spills)}
     for cls, res in result.reservoirs.items():
+        if not res.items:  # all spilled: only the count of offers since
+            info["classes"][str(cls)] = {"seen": res.seen - res.seen_spilled, "keys": [], "predicted": [], "labels": []}
+            continue
         feats = np.stack([r.features for r in res.items])
         tensors[f"feat/{cls}"] = feats
         tensors[f"win/{cls}"] = np.concatenate([window_means(feats[i:i + 256], cells)
                                                 for i in range(0, len(feats), 256)]).astype(np.float16)
         for j, r in enumerate(res.items):
             tensors[f"jpeg/{cls}/{j}"] = np.frombuffer(r.view_jpeg, dtype=np.uint8)
-        info["classes"][str(cls)] = {"seen": res.seen, "min": float(feats.min()), "keys": [r.key for r in res.items],
+        info["classes"][str(cls)] = {"seen": res.seen - res.seen_spilled, "min": float(feats.min()), "keys": [r.key for r in res.items],
                                      "predicted": [r.predicted for r in res.items],
                                      "labels": [r.label for r in res.items]}
     atomic_write_bytes(path, save(tensors, metadata={"info": json.dumps(info)}))

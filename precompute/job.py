@@ -4,6 +4,10 @@ Work directory (``--work``, default ``BUNDLE.work``)::
 
     config.json                               the run's configuration and its hash
     features/part-00000-of-00002.safetensors  extraction of data shard i (samples with index % n == i)
+    features/spill/part-00000-of-00002.0000.safetensors
+                                              maps a shard wrote out past --extract-memory-mib
+                                              (the part lists its spills; the store takes each
+                                              class's bottom-k back out of all of them)
     classes/<class id>.safetensors            everything learned for one class (basis, weights,
                                               prototypes, metrics); class y belongs to shard y % n
     classes/staged/<class id>.safetensors     a class learned, waiting for its shard's one pass of
@@ -19,6 +23,8 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 
 from ..service.bundle import atomic_write_bytes, atomic_write_json, class_index
@@ -148,11 +154,23 @@ class Job:
             return path
         log.info("extract: data %s (%s), shard %d/%d, model %s layer %s", self.cfg.data, self.dataset.kind,
                  i, n, self.model.name, self.model.layer)
+        spills: list[str] = []
+
+        def spill(held) -> None:  # past the memory budget: the maps held so far go to disk
+            name = f"spill/{path.stem}.{len(spills):04d}.safetensors"
+            save_part(path.parent / name, held, self.hash, cells=self.cfg.prototype_cells)
+            spills.append(name)
+            log.info("extract: %d maps spilled to %s (memory budget %d MiB); peak RSS %.0f MiB",
+                     sum(len(r.heap) for r in held.reservoirs.values()), name, self.cfg.extract_memory_mib,
+                     peak_rss_mib())
+
+        map_bytes = 2 * max(1, int(np.prod(self.model.feature_shape)))  # float16
         res = extract(self.dataset, self.access.forward(), self.model.preprocessing, group_of=group, shard=(i, n),
-                      batch_size=self.cfg.batch_size, max_per_class=self.cfg.max_images, seed=self.cfg.seed)
+                      batch_size=self.cfg.batch_size, max_per_class=self.cfg.max_images, seed=self.cfg.seed,
+                      spill=spill, spill_records=max(1, (self.cfg.extract_memory_mib << 20) // map_bytes))
         if res.processed == 0:
             raise JobError(f"no usable image in {self.cfg.data} (shard {i}/{n}); {res.skipped} could not be read")
-        save_part(path, res, self.hash, cells=self.cfg.prototype_cells)
+        save_part(path, res, self.hash, cells=self.cfg.prototype_cells, spills=spills)
         log.info("extract: %d images, %d skipped, %d classes -> %s; peak RSS %.0f MiB", res.processed, res.skipped,
                  len(res.reservoirs), path, peak_rss_mib())
         return path
@@ -167,6 +185,7 @@ class Job:
             missing = [i for i in range(n) if not self.part_path(i, n).is_file()]
             raise JobError(f"extraction parts missing for data shards {missing} of {n}: run "
                            f"`conceptlens precompute --stage extract --shard I/{n}` for them first")
+        parts += [p.parent / name for p in list(parts) for name in safetensors_info(p).get("spills", [])]
         store = FeatureStore(parts, self.cfg.max_images, self.cfg.seed)  # headers only: a class is read when learned
         for p, info in zip(parts, store.infos):
             if info["config_hash"] != self.hash:
@@ -327,7 +346,18 @@ class Job:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set so far, MiB (each stage logs it: memory is bounded by a class)."""
+    """This process's peak resident set so far, MiB (each stage logs it: memory is bounded by a class).
+
+    Linux's VmHWM, the high-water mark of this program's own memory: ``ru_maxrss`` also keeps the
+    parent's peak when a large process forks and execs this one (a bench, a notebook), so it would
+    report the parent's memory as ours."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

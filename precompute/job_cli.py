@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attribution-filtered pixels kept per class for contrasts on request (0: no contrasts)")
     p.add_argument("--examples", type=int, default=2, help="example images with heatmaps per class for the report")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--extract-memory-mib", type=int, default=1024,
+                   help="feature maps an extract shard holds in memory before it writes them out (spill files); "
+                        "the result is the same whatever the budget")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--shard", default="0/1", help="I/N: this process's share (data for extract, classes for learn)")
     p.add_argument("--stage", choices=("all", "extract", "learn", "merge"), default="all")
@@ -107,7 +110,7 @@ def config_from_args(args: argparse.Namespace):
         nmf_tol=args.nmf_tol, stability_folds=args.stability_folds, contrast_samples=args.contrast_samples,
         examples=args.examples, method_params={"face_lambda": args.face_lambda} if args.method == "face" else {},
         importance=args.importance, attribution=args.attribution,
-        batch_size=args.batch_size, device=args.device, shard=parse_shard(args.shard))
+        batch_size=args.batch_size, extract_memory_mib=args.extract_memory_mib, device=args.device, shard=parse_shard(args.shard))
 
 
 def write_error(e: OSError, out: str) -> str:

@@ -67,3 +67,34 @@ def test_stitch_picks_fill_every_place():
     assert stitch_picks(per, [2, 0, 1], 4) == ["c0", "a0", "b0", "c1"]
     assert stitch_picks(per, [1, 0, 2, 3][:3], 2) == ["b0", "a0"]
     assert stitch_picks([["a0"], []], [0, 1], 4) == ["a0"]  # what there is, no more
+
+
+def test_extraction_spilled_past_its_memory_budget_keeps_the_same_images(tmp_path):
+    """An extract shard that writes its maps out every 8 records (1 MiB) gives the learn stage the
+    very records and windows of one that holds them all: each class's bottom-k over all files."""
+    from conftest import require_data, write_subset_shard
+
+    from conceptlens.precompute.features import safetensors_info
+    from conceptlens.precompute.job import Job, PrecomputeConfig
+
+    require_data()
+    shard = write_subset_shard(tmp_path / "d.tar", 120)
+    stores = {}
+    for budget in (1024, 1):
+        cfg = PrecomputeConfig(model="efficientnet-lite0", data=str(shard), out=str(tmp_path / f"b{budget}"),
+                               work=str(tmp_path / f"w{budget}"), group_by="label", min_images=2, max_images=6,
+                               device="cpu", extract_memory_mib=budget, batch_size=8)
+        job = Job(cfg)
+        part = job.extract()
+        stores[budget] = (job.load_records()[0], safetensors_info(part)["spills"])
+    (big, no_spills), (small, spills) = stores[1024], stores[1]
+    assert not no_spills and len(spills) >= 5
+    assert sorted(big) == sorted(small) and big.totals["seen"] == small.totals["seen"]
+    for cls in big:
+        a, b = big[cls], small[cls]
+        assert [r.key for r in a] == [r.key for r in b] and len(a) == 6
+        for ra, rb in zip(a, b):
+            assert np.array_equal(ra.features, rb.features) and ra.view_jpeg == rb.view_jpeg
+    wa = np.concatenate([blk.vectors for blk in big.window_blocks(16)])
+    wb = np.concatenate([blk.vectors for blk in small.window_blocks(16)])
+    assert np.array_equal(wa, wb)
