@@ -3,8 +3,8 @@
 Feature maps are synthetic, drawn to look like EfficientNet-Lite0's (1280 x 7 x 7, >= 0, sparse:
 each class a mixture of 5 directions of its own and 3 shared ones, at random pixels, plus
 noise); the head is Lite0's real ImageNet head, so weights, fidelity and the stitched test's
-forward are real. Extraction parts are written as the extract stage writes them (``--parts``
-data shards), then the learn stage runs in ``--shards`` separate processes side by side, exactly
+forward are real. Extraction parts are written as the extract stage writes them (one per learn
+shard, with spill files past 1 GiB of maps), then the learn stage runs in ``--shards`` separate processes side by side, exactly
 as the Kubernetes Indexed Jobs run it, then merge. Per setting: seconds per class of each step
 (read, fit, evaluate, prototypes, contrast; from the job's own per-class timings), learn wall time,
 the largest peak RSS of a learn process, and the merge.
@@ -34,9 +34,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 C, H, W = 1280, 7, 7
 
 
-def write_parts(work: Path, cfg, classes: int, per_class: int, parts: int, seed: int = 0) -> None:
-    """The extraction parts, one at a time (a part's maps only in memory): image i of class y goes to
-    part (y * per_class + i) % parts; every map drawn from a seed of its own (seed, y, i)."""
+def write_parts(work: Path, cfg, classes: int, per_class: int, parts: int, seed: int = 0,
+                chunk_bytes: int = 1 << 30) -> None:
+    """The extraction parts as ``parts`` extract shards write them, one chunk of classes in memory at a
+    time (past ``chunk_bytes`` of maps a chunk goes to a spill file, as extraction spills past its
+    budget): image i of class y goes to part (y * per_class + i) % parts; every map drawn from a seed
+    of its own (seed, y, i)."""
     from PIL import Image
 
     from conceptlens.precompute.features import ExtractResult, Record, Reservoir, save_part
@@ -50,7 +53,8 @@ def write_parts(work: Path, cfg, classes: int, per_class: int, parts: int, seed:
     rng = np.random.default_rng(seed)
     shared = np.abs(rng.standard_normal((3, C))).astype(np.float32) * (rng.random((3, C)) < 0.1)
     for p in range(parts):
-        result = ExtractResult(reservoirs={})
+        path = job.part_path(p, parts)
+        result, spills, held, processed = ExtractResult(reservoirs={}), [], 0, 0
         for cls in range(classes):
             crng = np.random.default_rng((seed, cls))
             own = np.abs(crng.standard_normal((5, C))).astype(np.float32) * (crng.random((5, C)) < 0.05) * 3
@@ -63,8 +67,15 @@ def write_parts(work: Path, cfg, classes: int, per_class: int, parts: int, seed:
                 f = (codes @ dirs + 0.05 * irng.random((H * W, C), np.float32)).T.reshape(C, H, W).astype(np.float16)
                 res = result.reservoirs.setdefault(cls, Reservoir(cfg.max_images, cfg.seed))
                 res.offer(Record(f"{cls:04d}-{i:04d}", f, cls, cls, view))
-                result.processed += 1
-        save_part(job.part_path(p, parts), result, job.hash, cells=cfg.prototype_cells)
+                held += f.nbytes
+                processed += 1
+            if held >= chunk_bytes and cls < classes - 1:
+                name = f"spill/{path.stem}.{len(spills):04d}.safetensors"
+                save_part(path.parent / name, result, job.hash, cells=cfg.prototype_cells)
+                spills.append(name)
+                result, held = ExtractResult(reservoirs={}), 0
+        result.processed = processed
+        save_part(path, result, job.hash, cells=cfg.prototype_cells, spills=spills)
         del result
 
 
@@ -178,8 +189,6 @@ def main(argv=None) -> int:
     ap.add_argument("--images", default="8,50")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--method", default="nmf")
-    ap.add_argument("--parts", type=int, default=0, help="extraction parts (default: one per learn shard, "
-                    "at least one per 2 GB of maps)")
     ap.add_argument("--imagenet", action="store_true", help="also the real 1000-class ImageNet run (8 crops a class)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="a PNG of wall seconds per class and peak RSS")
@@ -188,8 +197,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="conceptlens-scale-") as tmp:
         for n_cls in [int(c) for c in args.classes.split(",") if c]:
             for n_img in [int(i) for i in args.images.split(",")]:
-                parts = args.parts or max(args.shards, -(-n_cls * n_img * C * H * W * 2 // (2 << 30)))
-                r = run_setting(n_cls, n_img, args.shards, args.method, Path(tmp), parts)
+                r = run_setting(n_cls, n_img, args.shards, args.method, Path(tmp), args.shards)
                 for old in Path(tmp).iterdir():  # disk: 1000 x 150 maps are 19 GB
                     subprocess.run(["rm", "-rf", str(old)], check=False)
                 rows.append(r)
