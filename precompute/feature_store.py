@@ -3,10 +3,12 @@
 Each part (``features/part-i-of-n.safetensors``, :func:`.features.save_part`) holds, per class, the
 kept images' feature maps ``feat/<cls>`` (n, C, H, W) float16, their crop windows' mean activations
 ``win/<cls>`` (n, G, C) float16 (prototype mining's pool) and their views ``jpeg/<cls>/<j>``; its JSON
-header lists keys, predictions and labels. The store reads only the headers at open; a class's
-records are read when the class is learned, and the crop pool is streamed part by part.
+header lists keys, predictions and labels (and a shard's spill files, ``features/spill/``: the same
+layout, maps written out past the extraction's memory budget). The store reads only the headers at
+open; a class's records are read when the class is learned, and the crop pool is streamed in blocks
+of whole classes (:meth:`FeatureStore.window_blocks`), all by explicit reads (:class:`PartFile`).
 
-The class's images over all parts are, past ``max_images``, the bottom-k by
+The class's images over all parts and spill files are, past ``max_images``, the bottom-k by
 :func:`.features.sample_rank` (as each part's reservoir), sorted by key: the same records as a single
 run's, whichever process (shard) reads them.
 """
