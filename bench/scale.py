@@ -79,20 +79,26 @@ def write_parts(work: Path, cfg, classes: int, per_class: int, parts: int, seed:
         del result
 
 
-def run_setting(classes: int, per_class: int, shards: int, method: str, root: Path, parts: int) -> dict:
-    from conceptlens.precompute.job import PrecomputeConfig
+def cli_config(args: list[str]):
+    """The configuration ``conceptlens precompute ARGS`` runs with (so the parts carry its hash)."""
+    from conceptlens.precompute.job_cli import add_arguments, config_from_args
 
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return config_from_args(p.parse_args(args))
+
+
+def run_setting(classes: int, per_class: int, shards: int, method: str, root: Path, parts: int) -> dict:
     work, out = root / f"c{classes}-i{per_class}.work", root / f"c{classes}-i{per_class}"
     data = root / "nodata"
     data.mkdir(exist_ok=True)
-    common = dict(model="efficientnet-lite0", data=str(data), out=str(out), work=str(work), group_by="predicted",
-                  method=method, min_images=min(5, per_class), max_images=max(per_class, 8), device="cpu")
-    t = time.perf_counter()
-    write_parts(work, PrecomputeConfig(**common, shard=(0, parts)), classes, per_class, parts)
-    t_parts = time.perf_counter() - t
+    min_images, max_images = min(5, per_class), max(per_class, 8)
     args = ["--model", "efficientnet-lite0", "--data", str(data), "--out", str(out), "--work", str(work),
-            "--group-by", "predicted", "--method", method, "--min-images", str(common["min_images"]),
-            "--max-images", str(common["max_images"]), "--device", "cpu"]
+            "--group-by", "predicted", "--method", method, "--min-images", str(min_images),
+            "--max-images", str(max_images), "--device", "cpu"]
+    t = time.perf_counter()
+    write_parts(work, cli_config(args + ["--shard", f"0/{parts}"]), classes, per_class, parts)
+    t_parts = time.perf_counter() - t
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-m", "conceptlens", "precompute", *args, "--stage", "learn",
