@@ -31,7 +31,7 @@ def main() -> None:
     from conceptlens.precompute.checks import attribution_pixels
     from conceptlens.precompute.features import Record
     from conceptlens.precompute.models import load_model
-    from conceptlens.precompute.prototypes import RecordPool, mine
+    from conceptlens.precompute.prototypes import RecordPool, mine_classes
     from conceptlens.service.contrast import contrast_basis, fit_hyperplane
 
     feats, logits = lite0_activations(args.images)
@@ -59,7 +59,7 @@ def main() -> None:
     t = time.perf_counter()
     reps = 5
     for _ in range(reps):  # streamed: windows, both rankings, both variants, bounded top-8 per concept
-        mine(pool, basis, 8, cls=0)
+        mine_classes(pool, {0: basis}, 8)
     score = (time.perf_counter() - t) / reps
     n = len(recs) * 9
     rate = n / score

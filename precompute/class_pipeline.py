@@ -27,7 +27,7 @@ from .evaluate import evaluate_class, logits_of, served_codes, single_class_expl
 from .features import Record
 from .learner_params import LearnerParams
 from .model_access import ModelAccess
-from .prototypes import DEFAULT_RANKING, crop_jpeg, mine_classes
+from .prototypes import DEFAULT_RANKING, crop_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class ClassPipeline:
     def curves_split(data: ClassData) -> str:
         return "held_out" if len(data.held) else "train"
 
-    def prototypes(self, cls: int, basis: np.ndarray, order: list[int], grid: tuple[int, int], mined: dict
+    def prototypes(self, cls: int, order: list[int], grid: tuple[int, int], mined: dict
                    ) -> tuple[dict, list[list[dict]], dict[str, np.ndarray]]:
         """(the stitched-prototype test, the prototypes' manifest entries, their JPEG tensors) of a
         class from its mined crops (:func:`.prototypes.mine_classes`, one streamed pass for a shard's
@@ -321,13 +321,7 @@ class ClassPipeline:
         order, grid = info.pop("importance_order"), tuple(info.pop("grid"))
         cls = int(info["class_id"])
         metrics = dict(info["metrics"])
-        metrics["stitched"], protos, proto_tensors = self.prototypes(cls, result.tensors["basis"], order, grid, mined)
+        metrics["stitched"], protos, proto_tensors = self.prototypes(cls, order, grid, mined)
         info.update(metrics=metrics, prototypes=protos, flags=class_flags(metrics, info["images"], self.cfg.min_images))
         info["seconds"] = {**info.get("seconds", {}), "prototypes": round(time.perf_counter() - t0, 4)}
         return ClassResult({**result.tensors, **proto_tensors}, info)
-
-    def run(self, cls: int, seen: int) -> ClassResult:
-        """One class on its own: :meth:`learn`, its crops mined over the pool, :meth:`finish`."""
-        result = self.learn(cls, seen)
-        mined = mine_classes(self.pool, {cls: result.tensors["basis"]}, max(1, self.cfg.prototypes))[cls]
-        return self.finish(result, mined)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .features import Record, sample_rank
+from .features import Record, safetensors_header, sample_rank
 
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I64": np.int64,
-           "I32": np.int32, "BF16": None}
+           "I32": np.int32}
 
 
 class PartFile:
@@ -36,16 +36,10 @@ class PartFile:
         import json
 
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
+        header, self.base = safetensors_header(self.path)
         meta = header.pop("__metadata__", None) or {}
         self.info = json.loads(meta["info"]) if "info" in meta else {}  # what save_part wrote
-        self.base = 8 + n
         self.tensors = header  # name -> {"dtype", "shape", "data_offsets": [begin, end]}
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name]["shape"])
 
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         """Tensor ``name``, or its rows ``rows`` (a step-1 slice of the first axis), as a new array."""
@@ -169,13 +163,8 @@ class FeatureStore(Mapping):
         not depend on how the data was sharded."""
         first, pending, size = 0, [], 0
         for cls, refs in self.refs.items():
-            rows: dict[int, np.ndarray] = {}
-            for pi in sorted({r.part for r in refs}):
-                win = self.files[pi].read(f"win/{cls}")
-                for r in refs:
-                    if r.part == pi:
-                        rows[id(r)] = win[r.row]
-            pending.append(np.stack([rows[id(r)] for r in refs]).astype(np.float32))
+            wins = {pi: self.files[pi].read(f"win/{cls}") for pi in {r.part for r in refs}}  # one class's
+            pending.append(np.stack([wins[r.part][r.row] for r in refs]).astype(np.float32))
             size += len(refs)
             if size >= block_images:
                 yield WindowBlock(first, np.concatenate(pending))

@@ -241,15 +241,20 @@ def save_part(path: Path, result: ExtractResult, config_hash: str, cells: int = 
     atomic_write_bytes(path, save(tensors, metadata={"info": json.dumps(info)}))
 
 
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """(the JSON header, the offset where the tensors' data starts) of a safetensors file, reading
+    the header only (the format: an 8-byte little-endian header length, then the JSON header)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
 def safetensors_info(source: bytes | Path) -> dict:
     """The JSON ``info`` kept in the metadata of a safetensors file: from its bytes, read already,
-    or from its path, reading the header only (the format: an 8-byte little-endian header
-    length, then the JSON header)."""
+    or from its path, reading the header only (:func:`safetensors_header`)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         n = int.from_bytes(source[:8], "little")
-        header = bytes(source[8:8 + n])
+        header = json.loads(bytes(source[8:8 + n]))
     else:
-        with open(source, "rb") as f:
-            header = f.read(int.from_bytes(f.read(8), "little"))
-    meta = json.loads(header).get("__metadata__") or {}
-    return json.loads(meta["info"])
+        header, _ = safetensors_header(source)
+    return json.loads((header.get("__metadata__") or {})["info"])

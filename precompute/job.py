@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-import numpy as np
 
 
 from ..service.bundle import atomic_write_bytes, atomic_write_json, class_index
@@ -164,7 +163,7 @@ class Job:
                      sum(len(r.heap) for r in held.reservoirs.values()), name, self.cfg.extract_memory_mib,
                      peak_rss_mib())
 
-        map_bytes = 2 * max(1, int(np.prod(self.model.feature_shape)))  # float16
+        map_bytes = 2 * max(1, math.prod(self.model.feature_shape))  # float16
         res = extract(self.dataset, self.access.forward(), self.model.preprocessing, group_of=group, shard=(i, n),
                       batch_size=self.cfg.batch_size, max_per_class=self.cfg.max_images, seed=self.cfg.seed,
                       spill=spill, spill_records=max(1, (self.cfg.extract_memory_mib << 20) // map_bytes))
@@ -238,7 +237,7 @@ class Job:
             return []
         pool = records  # the crop pool: every kept image's windows, streamed block by block while mining
         pipeline = self.pipeline(records, pool)
-        staged = [c for c in todo if self._staged_done(c)]
+        staged = [c for c in todo if self._written_by_this_run(self.staged_path(c))]
         if staged:
             log.info("learn: %d classes were learned already and wait for their prototypes", len(staged))
         progress = Progress("learn classes", total=len(todo), every=0)
@@ -305,24 +304,18 @@ class Job:
         return method
 
     def _class_done(self, cls: int) -> bool:
-        path = self.class_path(cls)
-        if not path.is_file():
-            return False
+        return self._written_by_this_run(self.class_path(cls))
+
+    def _written_by_this_run(self, path: Path) -> bool:
+        """``path`` exists and carries this run's configuration hash (a finished step to skip)."""
         try:
-            return safetensors_info(path)["config_hash"] == self.hash
+            return path.is_file() and safetensors_info(path)["config_hash"] == self.hash
         except Exception:
             return False
 
     def staged_path(self, cid: int) -> Path:
         """A class learned but not yet finished (waiting for its shard's prototype pass)."""
         return self.work / "classes" / "staged" / f"{cid}.safetensors"
-
-    def _staged_done(self, cls: int) -> bool:
-        path = self.staged_path(cls)
-        try:
-            return path.is_file() and safetensors_info(path)["config_hash"] == self.hash
-        except Exception:
-            return False
 
     def _write_class(self, path: Path, result: ClassResult) -> None:
         """A class's tensors and manifest entry, atomically, stamped with the run's configuration hash."""

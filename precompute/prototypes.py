@@ -4,8 +4,8 @@ shard in one streamed pass.
 The pool is the crop grid of every kept image (:mod:`.windows`: 2x2-cell windows, a 3x3 grid of a
 7x7 map), read in blocks of whole classes (:meth:`.feature_store.FeatureStore.window_blocks`), never
 held whole. Each block's window means V (rows, C) meet all the shard's concept directions in one
-product P = V U^T (U: unit directions, ``CLASS_GROUP`` classes at a time); both rankings of a crop
-for concept j come from it:
+product P = V U^T (U: unit directions, as many classes at a time as ``CLASS_GROUP_CELLS``
+allows); both rankings of a crop for concept j come from it:
 
 - ``cosine``: cosine similarity of the window's mean activation to the concept direction (Herdt &
   Otero Baguer's ranking, made for ImageNet models on ImageNet data). It ignores how much of the
@@ -161,15 +161,9 @@ def mine_classes(pool, bases: dict[int, np.ndarray], m: int, rankings: tuple[str
     out = {}
     for ci, cls in enumerate(classes):
         cols = range(offsets[ci], offsets[ci + 1])
-        out[cls] = {key: [top.crops(j, m, images) if tops else [] for j in cols] for key, top in tops.items()} \
-            if tops else {(r, ex): [[] for _ in cols] for r in rankings for ex in (False, True)}
+        out[cls] = {key: [top.crops(j, m, images) for j in cols] for key, top in tops.items()} if tops else \
+            {(r, ex): [[] for _ in cols] for r in rankings for ex in (False, True)}  # an empty pool
     return out
-
-
-def mine(pool, basis: np.ndarray, m: int, cls: int, rankings: tuple[str, ...] = RANKINGS
-         ) -> dict[tuple[str, bool], list[list[Crop]]]:
-    """:func:`mine_classes` for one class: ``(ranking, exclude_class)`` -> [concept][rank] :class:`Crop`."""
-    return mine_classes(pool, {cls: basis}, m, rankings)[cls]
 
 
 def crop_jpeg(view_jpeg: bytes, box, quality: int = 90) -> bytes:
