@@ -109,14 +109,27 @@ class ClassPipeline:
         ``auto`` one chosen (:meth:`LearnerParams.with_chosen`); with ``method`` they are that learner's."""
         from .fit import fit_learner
 
+        method, kw = self._fit_keywords(params, method)
+        return fit_learner(method, feats, k=k, class_id=cls, **kw)
+
+    def sweep_bases(self, cls: int, feats: np.ndarray, ks, params: dict | None = None, method: str | None = None):
+        """k -> basis (k, C) of :meth:`fit_learner` on ``feats`` for each k of ``ks``, sharing what the
+        fits have in common (:func:`.fit.sweep_learner`)."""
+        from .fit import basis_of, sweep_learner
+
+        method, kw = self._fit_keywords(params, method)
+        fit_k = sweep_learner(method, feats, ks, class_id=cls, **kw)
+        return lambda k: basis_of(fit_k(k))
+
+    def _fit_keywords(self, params: dict | None, method: str | None) -> tuple[str, dict]:
         cfg = self.cfg
         if method is None or method == self.method:
             method, params = self.method, self.params.with_chosen(params or {})
         # the DeepLift reference is an array: passed to the learner, never hashed or written to the manifest
-        return fit_learner(method, feats, k=k, class_id=cls, head_weight=self.hw, head_bias=self.hb,
-                           seed=cfg.seed, device=self.access.device, max_iter=cfg.nmf_max_iter, tol=cfg.nmf_tol,
-                           params={"attribution": cfg.attribution,
-                                   "deeplift_reference": self.access.deeplift_reference(), **(params or {})})
+        return method, dict(head_weight=self.hw, head_bias=self.hb, seed=cfg.seed, device=self.access.device,
+                            max_iter=cfg.nmf_max_iter, tol=cfg.nmf_tol,
+                            params={"attribution": cfg.attribution,
+                                    "deeplift_reference": self.access.deeplift_reference(), **(params or {})})
 
     def fit_basis(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None,
                   method: str | None = None) -> np.ndarray:

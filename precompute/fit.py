@@ -36,6 +36,22 @@ def fit_learner(method: str, feats: np.ndarray, *, k: int, class_id: int, head_w
     """As :func:`fit_basis`, returning the fitted learner itself: ``components_`` (k, C) is the
     served basis; a learner may also have ``served_tensors() -> {name: array}``, extra per-class
     tensors the bundle keeps as ``<name>/<class>`` (e.g. the decoding directions of ``directions``)."""
+    return _learner(method, head_weight, params).fit_class(
+        feats, k=k, class_id=class_id, head_weight=head_weight, head_bias=head_bias, seed=seed, device=device,
+        max_iter=max_iter, tol=tol, params=params or {})
+
+
+def sweep_learner(method: str, feats: np.ndarray, ks, *, class_id: int, head_weight: np.ndarray | None,
+                  head_bias: np.ndarray | None, seed: int, device: torch.device, max_iter: int = 200,
+                  tol: float = 1e-4, params: dict | None = None):
+    """k -> :func:`fit_learner` of ``method`` on ``feats`` with k concepts, for each k of ``ks``; the
+    learner shares what does not depend on k across the fits (``ConceptLearner.sweep``)."""
+    return _learner(method, head_weight, params).sweep(
+        feats, ks, class_id=class_id, head_weight=head_weight, head_bias=head_bias, seed=seed, device=device,
+        max_iter=max_iter, tol=tol, params=params or {})
+
+
+def _learner(method: str, head_weight, params: dict | None):
     from .learner_params import check_resolved
 
     check_resolved(params or {})
@@ -44,5 +60,4 @@ def fit_learner(method: str, feats: np.ndarray, *, k: int, class_id: int, head_w
         raise ValueError(f"unknown method {method!r}: choose {', '.join(LEARNERS)}")
     if learner.needs_linear_head and head_weight is None:
         raise ValueError(f"--method {method} needs a model whose head is global average pooling + linear")
-    return learner.fit_class(feats, k=k, class_id=class_id, head_weight=head_weight, head_bias=head_bias,
-                             seed=seed, device=device, max_iter=max_iter, tol=tol, params=params or {})
+    return learner

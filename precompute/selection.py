@@ -69,6 +69,9 @@ class ClassPipeline(Protocol):
     def fit_basis(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None,
                   method: str | None = None) -> np.ndarray: ...
 
+    def sweep_bases(self, cls: int, feats: np.ndarray, ks, params: dict | None = None,
+                    method: str | None = None): ...
+
 
 def select(pipe: ClassPipeline, data: ClassData) -> tuple[Any, dict, dict]:
     """(fitted learner, selection record, the parameters chosen for the class) for the class: k and
@@ -112,8 +115,9 @@ def _score(pipe: ClassPipeline, cls: int, basis: np.ndarray, feats: np.ndarray, 
     return evaluate_class(ex, cls, feats, pipe.hw, pipe.hb, pipe.hfn)
 
 
-def _base_basis(pipe: ClassPipeline, cls: int, feats: np.ndarray, k: int) -> np.ndarray:
-    return pipe.fit_basis(cls, feats, k, method=BASE_LEARNER[bool(pipe.signed)])
+def _base_bases(pipe: ClassPipeline, cls: int, feats: np.ndarray, ks):
+    """k -> the base learner's basis on ``feats``, for each k of ``ks`` (fitted when asked)."""
+    return pipe.sweep_bases(cls, feats, ks, method=BASE_LEARNER[bool(pipe.signed)])
 
 
 def choose_k(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_part: np.ndarray,
@@ -125,8 +129,9 @@ def choose_k(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_par
     candidates = [k for k in K_RANGE if k <= min(pixels // 4, fit_part.shape[1])] or [min(K_RANGE)]
     half = len(fit_part) // 2
     rows = []
+    on_fit_part = _base_bases(pipe, data.cls, fit_part, candidates)
     for k in candidates:
-        basis = _base_basis(pipe, data.cls, fit_part, k)
+        basis = on_fit_part(k)
         fid = _score(pipe, data.cls, basis, val_part, "nmf").get("ice_fidelity", float("nan"))
         rows.append({"k": k, "val_ice_fidelity": float(fid), "stability": None})
     best = min(r["val_ice_fidelity"] for r in rows)
@@ -134,14 +139,14 @@ def choose_k(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_par
     # stability (two more fits each) only where it can decide: the candidates within tolerance, smallest k
     # first, up to the first stable one; the choice is the one a full sweep makes
     chosen = close[0]["k"]
-    for r in close:
-        if half < 2:
-            break  # too few images for halves: stability unknown, counts as stable
-        r["stability"] = matched_cosine(_base_basis(pipe, data.cls, fit_part[:half], r["k"]),
-                                        _base_basis(pipe, data.cls, fit_part[half:], r["k"]))
-        if r["stability"] >= MIN_STABILITY:
-            chosen = r["k"]
-            break
+    if half >= 2:  # else too few images for halves: stability unknown, counts as stable
+        ks = [r["k"] for r in close]
+        halves = [_base_bases(pipe, data.cls, part, ks) for part in (fit_part[:half], fit_part[half:])]
+        for r in close:
+            r["stability"] = matched_cosine(halves[0](r["k"]), halves[1](r["k"]))
+            if r["stability"] >= MIN_STABILITY:
+                chosen = r["k"]
+                break
     record["k"] = {"chosen": chosen, "sweep": rows}
     log.debug("class %d: k sweep %s -> %d", data.cls, rows, chosen)
     return chosen

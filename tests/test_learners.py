@@ -439,6 +439,9 @@ def test_hyperplane_separates_and_shift_moves_prediction():
 
     curve = shift_curve(acts_b, normal, (w, b), target_class=0)
     assert curve[0] < 0.1 and shift_test(acts_b, normal, offset, (w, b), target_class=0) > 0.9
+    # the linear head's pooled shortcut against shifting every map and running the head on it
+    generic = shift_curve(acts_b, normal, lambda x: x.mean(dim=(2, 3)) @ w.T + b, target_class=0)
+    torch.testing.assert_close(curve, generic, rtol=1e-5, atol=1e-7)
 
     # L-BFGS reaches a lower loss than the reference's 100 SGD epochs
     def bce(nrm, off):
@@ -469,3 +472,21 @@ def test_fit_basis_dispatches_every_registered_learner():
                           device=torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown method 'pca'"):
         fit_basis("pca", feats, k=3, class_id=1, head_weight=w, head_bias=b, seed=0, device=torch.device("cpu"))
+
+
+def test_nmf_sweep_shares_one_start_and_fits_as_well_as_each_k_alone():
+    """NMF.sweep: one SVD for every k; the largest k's start is the one a fit alone makes (same SVD
+    size), so its basis is identical; each smaller k reconstructs within 1 % of its own fit."""
+    from conceptlens.precompute.learners.base import pixel_rows
+
+    d, c = directions(6, 48, seed=3), codes(600, 6, seed=4)
+    feats = (c @ d).reshape(24, 25, 48).permute(0, 2, 1).reshape(24, 48, 5, 5).numpy()
+    fit_k = NMF.sweep(feats, (3, 5, 8), seed=0, device="cpu")
+    x = torch.from_numpy(pixel_rows(feats))
+    for k in (3, 5, 8):
+        swept = fit_k(k)
+        alone = NMF.fit_class(feats, k=k, seed=0, device="cpu")
+        if k == 8:
+            torch.testing.assert_close(swept.components_, alone.components_)
+        err = [float((x - m.encode(x) @ m.components_).square().sum()) for m in (swept, alone)]
+        assert err[0] <= 1.01 * err[1] + 1e-6, (k, err)

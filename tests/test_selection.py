@@ -47,6 +47,13 @@ def fake_pipeline(concepts="auto", method="nmf", method_params=None):
     pipe.fit_learner = fit_learner
     pipe.fit_basis = lambda cls, feats, k, params=None, method=None: fit_learner(cls, feats, k, params,
                                                                                 method).components_.numpy()
+
+    def sweep_bases(cls, feats, ks, params=None, method=None):
+        from conceptlens.precompute.fit import sweep_learner
+        fit_k = sweep_learner(method or pipe.method, feats, ks, class_id=cls, head_weight=w, head_bias=b, seed=0,
+                              device=torch.device("cpu"), max_iter=200, tol=1e-4, params=params)
+        return lambda k: fit_k(k).components_.numpy()
+    pipe.sweep_bases = sweep_bases
     return pipe
 
 

@@ -64,6 +64,13 @@ class ConceptLearner(nn.Module):
         Default: ``cls(k, max_iter=max_iter, tol=tol, seed=seed, device=device).fit(pixel rows)``."""
         return cls(k, max_iter=max_iter, tol=tol, seed=seed, device=device).fit(torch.from_numpy(pixel_rows(feats)))
 
+    @classmethod
+    def sweep(cls, feats: np.ndarray, ks, **fit_kw):
+        """k -> the learner fitted on ``feats`` (N, C, H, W) with k concepts, for the k of ``ks`` (a k
+        sweep on one set of images); ``fit_kw``: :meth:`fit_class`'s keywords. Default: each k fitted
+        from scratch; a learner may share work across k (NMF: one SVD for every start)."""
+        return lambda k: cls.fit_class(feats, k=k, **fit_kw)
+
     def fit(self, x, *args, **kwargs) -> "ConceptLearner":
         """Learn ``components_`` (k, C) from the data; returns self."""
         raise NotImplementedError

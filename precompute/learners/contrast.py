@@ -101,6 +101,8 @@ def shift_curve(acts, normal, head: Head, target_class: int, offsets: Sequence[f
     ``head``: (W (K, C), b (K,)) of a GAP+linear head, or a callable mapping (n, C, H, W) to logits.
     """
     a = torch.as_tensor(acts).detach()
+    if not callable(head):
+        return _shift_curve_linear(a, torch.as_tensor(normal).detach().to(a), head, target_class, offsets)
     n = torch.as_tensor(normal).detach().to(a)[None, :, None, None]
     out = []
     for off in offsets:
@@ -109,6 +111,26 @@ def shift_curve(acts, normal, head: Head, target_class: int, offsets: Sequence[f
             shifted = (a[i:i + batch_size] - n * off).clamp(min=0)
             total += float(torch.softmax(_logits(head, shifted), 1)[:, target_class].sum())
         out.append(total / a.shape[0])
+    return torch.tensor(out)
+
+
+def _shift_curve_linear(a: torch.Tensor, normal: torch.Tensor, head: Head, target_class: int,
+                        offsets: Sequence[float]) -> torch.Tensor:
+    """:func:`shift_curve` for a GAP + linear head, pooling ReLU(A - t) per channel without shifting
+    every map: a channel whose threshold t = normal * offset is at or below its smallest activation
+    pools to mean(A) - t, one at or above its largest to 0; only the channels in between are clamped
+    (for offsets <= 0 on a non-negative layer, those whose normal component is negative)."""
+    w, b = (torch.as_tensor(v).detach().to(a) for v in head)
+    flat = a.flatten(2)  # (N, C, HW)
+    mean, lo, hi = flat.mean(dim=2), flat.amin(dim=(0, 2)), flat.amax(dim=(0, 2))
+    out = []
+    for off in offsets:
+        t = normal * off
+        pooled = (mean - t).clamp(min=0)  # exact where t <= lo, and 0 where t >= hi (mean <= hi)
+        mid = torch.nonzero((t > lo) & (t < hi)).flatten()
+        if len(mid):
+            pooled[:, mid] = (flat[:, mid] - t[mid, None]).clamp(min=0).mean(dim=2)
+        out.append(float(torch.softmax(pooled @ w.T + b, 1)[:, target_class].mean()))
     return torch.tensor(out)
 
 

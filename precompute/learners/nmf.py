@@ -15,17 +15,28 @@ import torch
 
 from .base import EPS, ConceptLearner, pixel_rows, resolve_device, to_numpy
 
-__all__ = ["NMF", "SOLVERS", "EPS", "hals_fit", "mu_fit", "nndsvda_init", "pixel_rows", "resolve_device", "to_numpy"]
+__all__ = ["NMF", "SOLVERS", "EPS", "hals_fit", "lowrank_svd", "mu_fit", "nndsvda_init", "pixel_rows", "resolve_device", "to_numpy"]
 
 
-def nndsvda_init(x: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """NNDSVD with zeros replaced by the mean of X: W (n, k), H (k, C), both >= 0."""
+def lowrank_svd(x: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top singular triplets (U (n, q), S (q,), V (C, q)) of X (n, C) that NNDSVDa needs for up to
+    k components: randomized (Halko et al.), q = k + 10 oversampled, seeded without touching torch's
+    global generator. One of them serves every k' <= k (:meth:`NMF.sweep`)."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        u, s, v = torch.svd_lowrank(x, q=min(k + 10, min(x.shape)), niter=4)
+        return torch.svd_lowrank(x, q=min(k + 10, min(x.shape)), niter=4)
     finally:
         torch.random.set_rng_state(gen_state)
+
+
+def nndsvda_init(x: torch.Tensor, k: int, seed: int = 0, svd: tuple | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NNDSVD with zeros replaced by the mean of X: W (n, k), H (k, C), both >= 0. ``svd``: X's
+    :func:`lowrank_svd` for at least k components, when computed already."""
+    u, s, v = svd if svd is not None else lowrank_svd(x, k, seed)
+    if s.shape[0] < k:
+        raise ValueError(f"an SVD of {s.shape[0]} components cannot start {k}")
     u, s, v = u[:, :k], s[:k], v[:, :k]
     w = torch.zeros(x.shape[0], k, dtype=x.dtype, device=x.device)
     h = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
@@ -140,13 +151,26 @@ class NMF(ConceptLearner):
             raise ValueError("NMF input must be non-negative")
         return x
 
+    @classmethod
+    def sweep(cls, feats, ks, *, seed: int = 0, device=None, max_iter: int = 200, tol: float = 1e-4, **_):
+        """k -> NMF fitted on one class's features (N, C, H, W) for each k of ``ks``: the pixel rows and
+        the SVD of the initialization are computed once for all of them (the k sweep's cost is the
+        fits, not n_k copies of the same start)."""
+        x = torch.from_numpy(pixel_rows(feats)).to(resolve_device(device))
+        svd = lowrank_svd(x, max(ks), seed)
+
+        def fit_k(k: int) -> "NMF":
+            return cls(k, max_iter=max_iter, tol=tol, seed=seed, device=device).fit(x, svd=svd)
+        return fit_k
+
     @torch.no_grad()
-    def fit_transform(self, x) -> torch.Tensor:
-        """Learn the basis from X (n, C); returns the training codes W (n, k)."""
+    def fit_transform(self, x, svd: tuple | None = None) -> torch.Tensor:
+        """Learn the basis from X (n, C); returns the training codes W (n, k). ``svd``: X's
+        :func:`lowrank_svd` (for at least k components) when computed already."""
         x = self._as_input(x)
         if x.shape[0] < self.n_components:
             raise ValueError(f"{x.shape[0]} rows are too few for {self.n_components} components")
-        w, h = nndsvda_init(x, self.n_components, self.seed)
+        w, h = nndsvda_init(x, self.n_components, self.seed, svd)
         losses: list[float] = []
         w, h, self.n_iter_ = SOLVERS[self.solver](x, w, h, self.max_iter, self.tol,
                                                   callback=lambda i, l: losses.append(l))
@@ -154,8 +178,8 @@ class NMF(ConceptLearner):
         self.components_ = h
         return w
 
-    def fit(self, x) -> "NMF":
-        self.fit_transform(x)
+    def fit(self, x, svd: tuple | None = None) -> "NMF":
+        self.fit_transform(x, svd)
         return self
 
     @torch.no_grad()
