@@ -21,7 +21,8 @@ scored through the served projection):
   importances; per class, then the mean over classes;
 - stitched: share of classes passing Herdt & Otero Baguer's test (top crop of each of the 4 most
   important concepts, stitched), allowing / excluding crops of images predicted as the class, for
-  each prototype ranking (``code``: the served NNLS code, ``cosine``: the paper's); and the code
+  each prototype ranking (``code``: the served NNLS code, ``cosine``: the paper's), with the mined
+  window as the crop and with the crop fitted to the concept's extent (``/fitted``); and the code
   ranking's rates over the "predicted classes" only, those the model predicts for most of their
   images (grouped by label, a class the model calls otherwise has little of it to show);
 - shift: mean over classes of the hyperplane shifting test's max p(target) on the most confused class.
@@ -101,14 +102,15 @@ def dataset_config(name: str, work: Path) -> dict:
     raise SystemExit(f"unknown data set {name!r}")
 
 
-def run_method(dataset: str, method: str, base: dict, work: Path, ranking: str) -> tuple[dict, float]:
+def run_method(dataset: str, method: str, base: dict, work: Path, ranking: str, cells: int = 2
+               ) -> tuple[dict, float]:
     from conceptlens.precompute.job import PrecomputeConfig, run
 
-    tag = f"{dataset}-{method}-{ranking}"
+    tag = f"{dataset}-{method}-{ranking}" + (f"-cells{cells}" if cells != 2 else "")
     out = work / "bundles" / tag
     params = {"face_lambda": "auto"} if method == "face" else {}
     cfg = PrecomputeConfig(**base, out=str(out), work=str(work / "work" / tag), method=method, method_params=params,
-                           device="cpu", prototype_ranking=ranking, examples=0)
+                           device="cpu", prototype_ranking=ranking, prototype_cells=cells, examples=0)
     t = time.perf_counter()
     if not (out / "manifest.json").is_file():
         run(cfg)
@@ -139,6 +141,8 @@ def summarize(manifest: dict) -> dict:
         return float(np.mean(vals)) if vals else float("nan")
     out = {key: mean(key) for key in ("ice_fidelity", "c_del", "c_ins", "c_gini", "k", "shift",
                                       "stitched_code", "stitched_code_excl", "stitched_cosine", "stitched_cosine_excl",
+                                      "stitched_code/fitted", "stitched_code/fitted_excl",
+                                      "stitched_cosine/fitted", "stitched_cosine/fitted_excl",
                                       "stitched_code_predicted", "stitched_code_excl_predicted")}
     out["classes_predicted"] = sum(r.get("stitched_code_predicted") is not None for r in rows)
     out["classes"] = len(rows)
@@ -149,6 +153,8 @@ def summarize(manifest: dict) -> dict:
 COLUMNS = (("ice_fidelity", "ICE fid."), ("c_del", "C-Del"), ("c_ins", "C-Ins"), ("c_gini", "C-Gini"), ("k", "k"),
            ("stitched_code", "stitch code"), ("stitched_code_excl", "stitch code excl."),
            ("stitched_cosine", "stitch cos"), ("stitched_cosine_excl", "stitch cos excl."),
+           ("stitched_code/fitted", "stitch code fitted"), ("stitched_code/fitted_excl", "stitch code fitted excl."),
+           ("stitched_cosine/fitted", "stitch cos fitted"), ("stitched_cosine/fitted_excl", "stitch cos fitted excl."),
            ("stitched_code_predicted", "stitch code, predicted classes"),
            ("stitched_code_excl_predicted", "excl., predicted classes"), ("shift", "shift"))
 
@@ -185,6 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default="fashion,cifar,imagenet")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ranking", default="code", help="the served prototype ranking (both are tested)")
+    ap.add_argument("--prototype-cells", type=int, default=2, help="crop windows of this many feature cells a side")
     ap.add_argument("--work", default=str(CACHE / "faithfulness"))
     ap.add_argument("--plot", default="faithfulness.png")
     ap.add_argument("--json", default=None, help="write the summaries here")
@@ -196,7 +203,7 @@ def main(argv=None) -> int:
         base = dataset_config(dataset, work)
         results[dataset] = {}
         for method in [m for m in args.methods.split(",") if m]:
-            manifest, secs = run_method(dataset, method, base, work, args.ranking)
+            manifest, secs = run_method(dataset, method, base, work, args.ranking, args.prototype_cells)
             s = summarize(manifest)
             s["seconds"] = secs
             results[dataset][method] = s

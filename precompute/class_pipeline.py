@@ -182,22 +182,30 @@ class ClassPipeline:
     def curves_split(data: ClassData) -> str:
         return "held_out" if len(data.held) else "train"
 
-    def prototypes(self, cls: int, order: list[int], grid: tuple[int, int], mined: dict
+    def prototypes(self, cls: int, order: list[int], grid: tuple[int, int], mined: dict, basis: np.ndarray
                    ) -> tuple[dict, list[list[dict]], dict[str, np.ndarray]]:
         """(the stitched-prototype test, the prototypes' manifest entries, their JPEG tensors) of a
         class from its mined crops (:func:`.prototypes.mine_classes`, one streamed pass for a shard's
-        classes); ``order``: concept indices by importance; ``grid``: the feature map's (H, W)."""
+        classes); ``order``: concept indices by importance; ``grid``: the feature map's (H, W);
+        ``basis`` (k, C): the concepts, whose code maps fit each crop to its concept's extent
+        (:func:`.prototypes.fit_boxes`). Every ranking is tested with window and fitted crops; the
+        served prototypes are ``--prototype-ranking``'s with ``--prototype-box``'s crops."""
         from ..service.preprocess import normalize
         from .checks import stitched_test
+        from .prototypes import FITTED, fit_boxes
         from .windows import window_boxes
 
         cfg, pool, pre = self.cfg, self.pool, self.model.preprocessing
-        ranking = self.prototype_ranking
+        ranking = self.prototype_ranking + (f"/{FITTED}" if cfg.prototype_box == FITTED else "")
         boxes = window_boxes(grid[0], grid[1], cfg.prototype_cells, pre.crop)
+        mined = fit_boxes(mined, basis, pool, grid, cfg.prototype_cells, pre.crop)
+
+        def box_of(crop) -> list[int]:
+            return [int(v) for v in (crop.box if crop.box is not None else boxes[crop.window])]
 
         @functools.lru_cache(maxsize=None)  # a stitched crop is also a served prototype: cut it once
         def crop_bytes(crop) -> bytes:
-            return crop_jpeg(pool.view_jpeg(crop.ref), boxes[crop.window])
+            return crop_jpeg(pool.view_jpeg(crop.ref), box_of(crop))
 
         stitched = stitched_test(mined, order, crop_bytes, cls, self.access.forward(),
                                  lambda im: normalize(im, pre), pre.crop, self.model.class_names, ranking)
@@ -205,10 +213,9 @@ class ClassPipeline:
         for j, crops in enumerate(mined[(ranking, bool(cfg.prototypes_exclude_class))]):
             concept = []
             for r, crop in enumerate(crops[:cfg.prototypes]):
-                box = [int(v) for v in boxes[crop.window]]
                 tensors[f"proto/{j}/{r}"] = np.frombuffer(crop_bytes(crop), dtype=np.uint8)
-                concept.append({"source": crop.ref.key, "box": box, "score": crop.score, "cosine": crop.cosine,
-                                "ranking": ranking, "source_predicted": crop.ref.predicted})
+                concept.append({"source": crop.ref.key, "box": box_of(crop), "score": crop.score,
+                                "cosine": crop.cosine, "ranking": ranking, "source_predicted": crop.ref.predicted})
             protos.append(concept)
         return stitched, protos, tensors
 
@@ -334,7 +341,7 @@ class ClassPipeline:
         order, grid = info.pop("importance_order"), tuple(info.pop("grid"))
         cls = int(info["class_id"])
         metrics = dict(info["metrics"])
-        metrics["stitched"], protos, proto_tensors = self.prototypes(cls, order, grid, mined)
+        metrics["stitched"], protos, proto_tensors = self.prototypes(cls, order, grid, mined, result.tensors["basis"])
         info.update(metrics=metrics, prototypes=protos, flags=class_flags(metrics, info["images"], self.cfg.min_images))
         info["seconds"] = {**info.get("seconds", {}), "prototypes": round(time.perf_counter() - t0, 4)}
         return ClassResult({**result.tensors, **proto_tensors}, info)

@@ -15,6 +15,7 @@ from ..service.bundle import sha256_file
 # Fields that change what is learned; the rest (paths, shard, device, batch size) do not.
 _HASHED = ("model", "weights", "layer", "labels", "preprocessing", "data", "group_by", "method", "concepts",
            "min_images", "max_images", "held_out", "prototypes", "prototype_cells", "prototypes_exclude_class", "prototype_ranking",
+           "prototype_box",
            "classes", "seed", "nmf_max_iter", "nmf_tol", "method_params", "stability_folds", "contrast_samples",
            "examples", "importance", "attribution")
 AUTO_METHOD = "auto"  # nmf on a non-negative layer, seminmf on a signed one
@@ -48,6 +49,7 @@ class PrecomputeConfig:
     prototype_cells: int = 2
     prototypes_exclude_class: bool = False
     prototype_ranking: str = "code"  # code | cosine (precompute/prototypes.py)
+    prototype_box: str = "window"  # window | fitted: a crop cut to its concept's extent (prototypes.fit_boxes)
     classes: list[str] | None = None
     seed: int = 0
     nmf_max_iter: int = 200

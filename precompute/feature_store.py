@@ -174,3 +174,7 @@ class FeatureStore(Mapping):
 
     def view_jpeg(self, ref: ImageRef) -> bytes:
         return self.files[ref.part].read(f"jpeg/{ref.cls}/{ref.row}").tobytes()
+
+    def view_features(self, ref: ImageRef) -> np.ndarray:
+        """One kept image's feature map (C, H, W) float32 (one read of its row)."""
+        return self.files[ref.part].read(f"feat/{ref.cls}", slice(ref.row, ref.row + 1))[0].astype(np.float32)

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prototype-ranking", choices=("code", "cosine"), default="code",
                    help="how a concept's crops are ranked: code (its served NNLS code in the crop, the default: "
                         "passes the stitched test more often) or cosine (Herdt & Otero Baguer's cosine similarity)")
+    p.add_argument("--prototype-box", choices=("window", "fitted"), default="window",
+                   help="a crop's extent: its mined window (cells x cells feature cells) or fitted to the concept's "
+                        "code map in the source image (the blob around its peak, 1 to 2 windows a side)")
     p.add_argument("--prototypes-exclude-class", action="store_true",
                    help="mine prototypes only from images not predicted as the class")
     p.add_argument("--seed", type=int, default=0)
@@ -107,7 +110,8 @@ def config_from_args(args: argparse.Namespace):
         group_by=args.group_by, method=args.method, concepts=args.concepts, classes=args.classes,
         min_images=args.min_images, max_images=args.max_images, held_out=args.held_out,
         prototypes=args.prototypes, prototype_cells=args.prototype_cells,
-        prototypes_exclude_class=args.prototypes_exclude_class, prototype_ranking=args.prototype_ranking, seed=args.seed, nmf_max_iter=args.nmf_max_iter,
+        prototypes_exclude_class=args.prototypes_exclude_class, prototype_ranking=args.prototype_ranking,
+        prototype_box=args.prototype_box, seed=args.seed, nmf_max_iter=args.nmf_max_iter,
         nmf_tol=args.nmf_tol, stability_folds=args.stability_folds, contrast_samples=args.contrast_samples,
         examples=args.examples, method_params={"face_lambda": args.face_lambda} if args.method == "face" else {},
         importance=args.importance, attribution=args.attribution,

@@ -43,12 +43,15 @@ CLASS_GROUP_CELLS = 1 << 23  # rows x directions of one product (P and its score
 
 @dataclass(frozen=True)
 class Crop:
-    """One mined crop: its source image, its window (index into the grid) and its score."""
+    """One mined crop: its source image, its window (index into the grid) and its score; ``box``:
+    the view pixels (x0, y0, x1, y1) to cut where fitted to the concept (:func:`fit_boxes`), else
+    the window's."""
 
     ref: ImageRef
     window: int
     score: float
     cosine: float
+    box: tuple[int, int, int, int] | None = None
 
 
 class RecordPool:
@@ -66,6 +69,9 @@ class RecordPool:
 
     def view_jpeg(self, ref: ImageRef) -> bytes:
         return self.records[ref.row].view_jpeg
+
+    def view_features(self, ref: ImageRef) -> np.ndarray:
+        return np.asarray(self.records[ref.row].features, np.float32)
 
 
 class _RunningTop:
@@ -172,3 +178,36 @@ def crop_jpeg(view_jpeg: bytes, box, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     view.crop(tuple(int(v) for v in box)).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+FITTED = "fitted"  # the suffix of a ranking whose crops are fitted to the concept's extent: "code/fitted"
+
+
+def fit_boxes(mined: dict, basis: np.ndarray, pool, grid: tuple[int, int], cells: int, view_size: int
+              ) -> dict:
+    """``mined`` ((ranking, exclude) -> [concept][rank] crops) with, for each key, a second entry
+    ``(f"{ranking}/fitted", exclude)``: the same crops, each cut to its concept's extent in its source
+    image (:func:`.windows.fitted_cells` on the concept's NNLS code map over the image's feature
+    cells, ``basis`` (k, C) the class's concepts) instead of the fixed window."""
+    import dataclasses
+
+    from ..service.nnls import NNLSProjector
+    from .windows import cells_box, fitted_cells
+
+    h, w = grid
+    proj = NNLSProjector.from_basis(np.asarray(basis, np.float32))
+    code_maps: dict = {}
+
+    def maps_of(ref) -> np.ndarray:  # (k, H, W): every concept's code map of one source image
+        if ref not in code_maps:
+            f = pool.view_features(ref)
+            code_maps[ref] = proj.project(f.reshape(f.shape[0], -1).T).T.reshape(-1, h, w)
+        return code_maps[ref]
+
+    out = dict(mined)
+    for (ranking, exclude), per_concept in mined.items():
+        out[(f"{ranking}/{FITTED}", exclude)] = [
+            [dataclasses.replace(c, box=tuple(cells_box(fitted_cells(maps_of(c.ref)[j], c.window, cells), h, w,
+                                                        view_size))) for c in crops]
+            for j, crops in enumerate(per_concept)]
+    return out

@@ -98,3 +98,24 @@ def test_extraction_spilled_past_its_memory_budget_keeps_the_same_images(tmp_pat
     wa = np.concatenate([blk.vectors for blk in big.window_blocks(16)])
     wb = np.concatenate([blk.vectors for blk in small.window_blocks(16)])
     assert np.array_equal(wa, wb)
+
+
+def test_fitted_cells_cover_the_concepts_blob_within_one_to_two_windows():
+    from conceptlens.precompute.windows import cells_box, fitted_cells, window_boxes
+
+    m = np.zeros((7, 7), np.float32)
+    m[1:4, 2:6] = 1.0  # a 3 x 4 blob
+    m[2, 3] = 2.0  # its peak, in window (1, 1) of the 3 x 3 grid of 2-cell windows (cells 2..3)
+    m[6, 6] = 1.5  # another, unconnected blob
+    assert fitted_cells(m, window=4, cells=2) == (1, 2, 4, 6)
+    # a lone cell: the window's size around it, kept inside the map
+    one = np.zeros((7, 7), np.float32)
+    one[0, 0] = 1.0
+    assert fitted_cells(one, window=0, cells=2) == (0, 0, 2, 2)
+    # a blob over the whole map: at most twice the window, centred on the peak
+    big = np.ones((7, 7), np.float32)
+    big[3, 3] = 2.0
+    assert fitted_cells(big, window=4, cells=2) == (1, 1, 5, 5)
+    # all zero: the window itself; in pixels, the window box of window_boxes
+    assert fitted_cells(np.zeros((7, 7)), window=8, cells=2) == (4, 4, 6, 6)
+    assert cells_box((4, 4, 6, 6), 7, 7, 224) == list(window_boxes(7, 7, 2, 224)[8])

@@ -155,3 +155,13 @@ def test_face_lambda_is_chosen_by_validation_fidelity_within_the_accuracy_guard(
         r["val_ice_fidelity"] for r in allowed)
     assert "k" not in record  # k was given: only lambda was chosen
     assert chosen_params == {"face_lambda": chosen} and isinstance(chosen_params["face_lambda"], float)
+
+
+def test_a_candidate_far_below_the_best_deletion_insertion_is_passed_over():
+    from conceptlens.precompute.selection import DELETION_INSERTION_SLACK, within_deletion_insertion
+
+    rows = [{"k": 3, "val_deletion_insertion": 0.40}, {"k": 5, "val_deletion_insertion": 0.60},
+            {"k": 8, "val_deletion_insertion": 0.60 - DELETION_INSERTION_SLACK / 2},
+            {"k": 12, "val_deletion_insertion": float("nan")}]
+    assert [r["k"] for r in within_deletion_insertion(rows)] == [5, 8, 12]
+    assert within_deletion_insertion(rows[3:]) == rows[3:]  # nothing known: nothing passed over
