@@ -22,9 +22,10 @@ scored through the served projection):
 - stitched: share of classes passing Herdt & Otero Baguer's test (top crop of each of the 4 most
   important concepts, stitched), allowing / excluding crops of images predicted as the class, for
   each prototype ranking (``code``: the served NNLS code, ``cosine``: the paper's), with the mined
-  window as the crop and with the crop fitted to the concept's extent (``/fitted``); and the code
-  ranking's rates over the "predicted classes" only, those the model predicts for most of their
-  images (grouped by label, a class the model calls otherwise has little of it to show);
+  window as the crop and with the crop fitted to the concept's extent (``/fitted``); and the served
+  prototypes' (``--prototype-ranking`` and ``--prototype-box``) rates over the "predicted classes"
+  only, those the model predicts for most of their images (grouped by label, a class the model
+  calls otherwise has little of it to show);
 - shift: mean over classes of the hyperplane shifting test's max p(target) on the most confused class.
 
 A PNG figure of the mean deletion / insertion curves per method (``--plot``).
@@ -130,8 +131,8 @@ def summarize(manifest: dict) -> dict:
             row[f"stitched_{r}"] = res.get("pass")
             row[f"stitched_{r}_excl"] = res.get("pass_excluding_class")
         if m.get("predicted_as_class", 1.0) >= 0.5:  # the model predicts the class for most of its images
-            row["stitched_code_predicted"] = (st.get("by_ranking") or {}).get("code", {}).get("pass")
-            row["stitched_code_excl_predicted"] = (st.get("by_ranking") or {}).get("code", {}).get("pass_excluding_class")
+            row["stitched_code_predicted"] = st.get("pass")  # the served ranking and crops
+            row["stitched_code_excl_predicted"] = st.get("pass_excluding_class")
         pairs = (m.get("shift") or {}).get("pairs") or []
         row["shift"] = pairs[0]["max_probability"] if pairs else None
         rows.append(row)
@@ -155,7 +156,7 @@ COLUMNS = (("ice_fidelity", "ICE fid."), ("c_del", "C-Del"), ("c_ins", "C-Ins"),
            ("stitched_cosine", "stitch cos"), ("stitched_cosine_excl", "stitch cos excl."),
            ("stitched_code/fitted", "stitch code fitted"), ("stitched_code/fitted_excl", "stitch code fitted excl."),
            ("stitched_cosine/fitted", "stitch cos fitted"), ("stitched_cosine/fitted_excl", "stitch cos fitted excl."),
-           ("stitched_code_predicted", "stitch code, predicted classes"),
+           ("stitched_code_predicted", "stitch served, predicted classes"),
            ("stitched_code_excl_predicted", "excl., predicted classes"), ("shift", "shift"))
 
 

@@ -49,7 +49,7 @@ class PrecomputeConfig:
     prototype_cells: int = 2
     prototypes_exclude_class: bool = False
     prototype_ranking: str = "code"  # code | cosine (precompute/prototypes.py)
-    prototype_box: str = "window"  # window | fitted: a crop cut to its concept's extent (prototypes.fit_boxes)
+    prototype_box: str = "fitted"  # window | fitted: a crop cut to its concept's extent (prototypes.fit_boxes)
     classes: list[str] | None = None
     seed: int = 0
     nmf_max_iter: int = 200

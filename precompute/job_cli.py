@@ -40,9 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prototype-ranking", choices=("code", "cosine"), default="code",
                    help="how a concept's crops are ranked: code (its served NNLS code in the crop, the default: "
                         "passes the stitched test more often) or cosine (Herdt & Otero Baguer's cosine similarity)")
-    p.add_argument("--prototype-box", choices=("window", "fitted"), default="window",
-                   help="a crop's extent: its mined window (cells x cells feature cells) or fitted to the concept's "
-                        "code map in the source image (the blob around its peak, 1 to 2 windows a side)")
+    p.add_argument("--prototype-box", choices=("window", "fitted"), default="fitted",
+                   help="a crop's extent: fitted to the concept's code map in the source image (the default: the "
+                        "blob around its peak, 1 to 2 windows a side; passes the stitched test more often) or its "
+                        "mined window (cells x cells feature cells)")
     p.add_argument("--prototypes-exclude-class", action="store_true",
                    help="mine prototypes only from images not predicted as the class")
     p.add_argument("--seed", type=int, default=0)
