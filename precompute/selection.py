@@ -17,9 +17,10 @@ through the served projection, so the held-out images stay untouched for the rep
   whose codes rarely fire at the same pixel (spatial correlation <= ``MERGE_OVERLAP``) are one
   part seen at different places (NMF splits an object into its left and right edge when k is too
   large): they become one direction (their normalized sum), and k drops by one.
-- lambda (``--face-lambda auto``, FACE): a sweep over ``LAMBDAS`` at the chosen k, scored by
-  validation ICE fidelity with two guards: accuracy on reconstructed activations (no lambda may
-  lose more than ``ACCURACY_GUARD`` of it against lambda = 0) and deletion / insertion as for k.
+- lambda (``--face-lambda auto``, FACE): a sweep over ``LAMBDAS`` at the chosen k. Kept as for k:
+  accuracy on reconstructed activations within ``ACCURACY_GUARD`` of lambda = 0, validation ICE
+  fidelity within the tolerance of the best, (C-Del + C-Ins) / 2 within ``DELETION_INSERTION_SLACK``
+  of the best kept; the best fidelity of those wins.
 """
 from __future__ import annotations
 
@@ -192,7 +193,10 @@ def choose_lambda(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, va
                      "val_c_del": m["val_c_del"], "val_c_ins": m["val_c_ins"],
                      "val_deletion_insertion": m["val_deletion_insertion"]})
     floor = rows[0]["val_top1_agreement"] - ACCURACY_GUARD
-    ok = within_deletion_insertion([r for r in rows if r["val_top1_agreement"] >= floor] or rows)
+    ok = [r for r in rows if r["val_top1_agreement"] >= floor] or rows
+    best = min(r["val_ice_fidelity"] for r in ok)
+    ok = within_deletion_insertion(
+        [r for r in ok if r["val_ice_fidelity"] <= best + max(FIDELITY_SLACK, FIDELITY_TOLERANCE * best)] or ok)
     chosen = min(ok, key=lambda r: (r["val_ice_fidelity"], r["lambda"]))["lambda"]
     record["lambda"] = {"chosen": chosen, "sweep": rows}
     return float(chosen)
