@@ -119,3 +119,29 @@ def test_fitted_cells_cover_the_concepts_blob_within_one_to_two_windows():
     # all zero: the window itself; in pixels, the window box of window_boxes
     assert fitted_cells(np.zeros((7, 7)), window=8, cells=2) == (4, 4, 6, 6)
     assert cells_box((4, 4, 6, 6), 7, 7, 224) == list(window_boxes(7, 7, 2, 224)[8])
+
+
+def test_fitted_crops_follow_the_concepts_blob_in_the_source_image():
+    """fit_boxes: a concept planted over a 3 x 4 block of one image's cells; its mined crop (a
+    2 x 2-cell window inside the block) is cut to the whole block, scipy's NNLS code map deciding."""
+    from conceptlens.precompute.prototypes import FITTED, fit_boxes
+    from conceptlens.precompute.windows import cells_box
+
+    rng = np.random.default_rng(5)
+    basis = np.abs(rng.standard_normal((2, 16))).astype(np.float32) * (rng.random((2, 16)) < 0.5)
+    basis[0, :8], basis[1, 8:] = 0, 0  # two disjoint directions
+    records = []
+    for i in range(6):
+        f = 0.01 * np.abs(rng.standard_normal((16, 6, 6))).astype(np.float32)
+        if i == 2:
+            f[:, 1:4, 1:5] += 3 * basis[0][:, None, None]
+        records.append(Record(f"img-{i}", f, 0, None, b""))
+    pool = RecordPool(records, cells=2)
+    mined = mine_classes(pool, {0: basis}, m=2)[0]
+    top = mined[("code", False)][0][0]
+    assert top.ref.key == "img-2" and top.window == 4  # the one window wholly inside the planted block
+    fitted = fit_boxes(mined, basis, pool, (6, 6), cells=2, view_size=96)
+    crop = fitted[(f"code/{FITTED}", False)][0][0]
+    assert (crop.ref, crop.window) == (top.ref, top.window)
+    assert list(crop.box) == cells_box((1, 1, 4, 5), 6, 6, 96)
+    assert fitted[("code", False)] is mined[("code", False)]  # the window crops stay as mined
