@@ -21,10 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .features import Record, safetensors_header, sample_rank
+from .features import SAFETENSORS_DTYPES, Record, safetensors_header, sample_rank
 
-_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I64": np.int64,
-           "I32": np.int32}
 
 
 class PartFile:
@@ -46,7 +44,7 @@ class PartFile:
         import os
 
         t = self.tensors[name]
-        dtype = _DTYPES.get(t["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(t["dtype"])
         if dtype is None:
             raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {t['dtype']}")
         shape = list(t["shape"])

@@ -241,6 +241,11 @@ def save_part(path: Path, result: ExtractResult, config_hash: str, cells: int = 
     atomic_write_bytes(path, save(tensors, metadata={"info": json.dumps(info)}))
 
 
+# safetensors' dtype names of the arrays we store, as numpy dtypes
+SAFETENSORS_DTYPES = {"F16": np.dtype(np.float16), "F32": np.dtype(np.float32), "F64": np.dtype(np.float64),
+                      "U8": np.dtype(np.uint8), "I32": np.dtype(np.int32), "I64": np.dtype(np.int64)}
+
+
 def safetensors_header(path: Path) -> tuple[dict, int]:
     """(the JSON header, the offset where the tensors' data starts) of a safetensors file, reading
     the header only (the format: an 8-byte little-endian header length, then the JSON header)."""

@@ -34,7 +34,7 @@ from .learner_params import LearnerParamsError, resolve_learner_params
 from .learners.nmf import resolve_device
 from .model_access import ModelAccess
 from .feature_store import FeatureStore, PartFile
-from .features import Progress, extract, safetensors_info, save_part
+from .features import SAFETENSORS_DTYPES, Progress, extract, safetensors_header, safetensors_info, save_part
 from .models import PreprocessingOverrides, SplitModel, load_model
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
     from safetensors.numpy import load
 
     from ..service.manifest import ClassEntry, MethodCard
-    from .bundle_writer import write_bundle
+    from .bundle_writer import StreamedTensors, write_bundle
 
     configs = []
     for w in work_dirs:
@@ -380,42 +380,40 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
     if not files:
         raise JobError(f"no learned classes in {', '.join(map(str, work_dirs))}: run the learn stage first")
     model = job.model
-    classes, tensors, prototypes, jpegs = {}, {}, {}, {}
+    # two passes, one class in memory at a time: the headers make the manifest and the tensor specs,
+    # then each class's tensors and JPEGs are streamed into the bundle
+    classes, prototypes, specs, sources = {}, {}, {}, []
     signed = False
     for name, path in sorted(files.items(), key=lambda kv: int(kv[0].split(".")[0])):
-        data = path.read_bytes()  # once: tensors and metadata
-        info = safetensors_info(data)
+        header, _ = safetensors_header(path)
+        info = json.loads((header.get("__metadata__") or {})["info"])
         if info["config_hash"] != configs[0]["config_hash"]:
             raise JobError(f"{path} comes from another configuration")
-        t = load(data)
         cls = int(info["class_id"])
-        tensors[f"basis/{cls}"], tensors[f"weights/{cls}"] = t["basis"], t["weights"]
-        for key, val in t.items():
-            if key.startswith("contrast/"):
-                tensors[key] = val
-        if "samples" in t:
-            tensors[f"samples/{cls}"] = t["samples"]
-        if "anchor" in t:
-            tensors[f"anchor/{cls}"] = t["anchor"]
-        for key, val in t.items():  # a learner's extra served tensors (e.g. decoding directions)
-            if key.startswith("served/"):
-                tensors[f"{key.removeprefix('served/')}/{cls}"] = val
-        if "examples_codes" in t:
-            tensors[f"examples/{cls}/codes"] = t["examples_codes"]
-            for i in range(len(t["examples_codes"])):
-                jpegs[f"examples/{cls}/{i}.jpg"] = t[f"example/{i}"].tobytes()
-        protos = []
-        for j, concept in enumerate(info["prototypes"]):
-            refs = []
-            for r, p in enumerate(concept):
-                rel = f"prototypes/{cls}/{j}_{r}.jpg"
-                jpegs[rel] = t[f"proto/{j}/{r}"].tobytes()
-                refs.append({"file": rel, "source": p["source"], "box": p["box"], "score": p["score"]})
-            protos.append(refs)
+        served = _served_names(cls, [n for n in header if n != "__metadata__"])
+        for bundle_name, own in served:
+            specs[bundle_name] = (SAFETENSORS_DTYPES[header[own]["dtype"]], tuple(header[own]["shape"]))
+        protos = [[{"file": f"prototypes/{cls}/{j}_{r}.jpg", "source": p["source"], "box": p["box"],
+                    "score": p["score"]} for r, p in enumerate(concept)] for j, concept in enumerate(info["prototypes"])]
         prototypes[cls] = protos
+        examples = header.get("examples_codes", {}).get("shape", [0])[0]
+        sources.append((path, served, protos, [(f"examples/{cls}/{i}.jpg", f"example/{i}") for i in range(examples)]))
         classes[cls] = ClassEntry(**{k: info[k] for k in ("name", "k", "images", "images_seen", "held_out_images",
                                                           "metrics", "flags", "method")})
         signed = signed or bool(info.get("signed_features", False))
+
+    def items():
+        for path, served, protos, examples in sources:
+            t = load(path.read_bytes())
+            for bundle_name, own in served:
+                yield "tensor", bundle_name, t[own]
+            for j, refs in enumerate(protos):
+                for r, ref in enumerate(refs):
+                    yield "file", ref["file"], t[f"proto/{j}/{r}"].tobytes()
+            for rel, own in examples:
+                yield "file", rel, t[own].tobytes()
+
+    tensors = StreamedTensors(specs, items)
     methods = sorted({c.method for c in classes.values()})
     log.info("merge: %d classes; exporting the model to ONNX", len(classes))
     with tempfile.TemporaryDirectory() as tmp:
@@ -424,12 +422,26 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
         out = write_bundle(
             out, model_onnx=onnx_path, head_onnx=head_onnx, model=model.card(signed_features=signed),
             class_names=model.class_names, preprocessing=model.preprocessing, head_weight=model.head_weight,
-            head_bias=model.head_bias, classes=classes, tensors=tensors, prototypes=prototypes, prototype_jpegs=jpegs,
+            head_bias=model.head_bias, classes=classes, tensors=tensors, prototypes=prototypes, prototype_jpegs={},
             method=MethodCard(name="+".join(methods), params={"concepts": cfg.concepts, **cfg.method_params,
                                                               "requested": cfg.method},
                               group_by=cfg.group_by, max_images=cfg.max_images, held_out=cfg.held_out, seed=cfg.seed),
             data={"path": str(cfg.data)}, config_hash=configs[0]["config_hash"])
     log.info("merge: bundle written to %s; peak RSS %.0f MiB", out, peak_rss_mib())
+    return out
+
+
+def _served_names(cls: int, names: list[str]) -> list[tuple[str, str]]:
+    """(name in the bundle's concepts.safetensors, name in the class file) of a class's served
+    tensors, in the bundle's order: basis, weights, contrast pairs, contrast samples, the anchor of a
+    non-linear head, a learner's extra tensors (``served/``), the example codes."""
+    own = set(names)
+    out = [(f"basis/{cls}", "basis"), (f"weights/{cls}", "weights")]
+    out += [(n, n) for n in sorted(own) if n.startswith("contrast/")]
+    out += [(f"{bundle}/{cls}", n) for bundle, n in (("samples", "samples"), ("anchor", "anchor")) if n in own]
+    out += [(f"{n.removeprefix('served/')}/{cls}", n) for n in sorted(own) if n.startswith("served/")]
+    if "examples_codes" in own:
+        out.append((f"examples/{cls}/codes", "examples_codes"))
     return out
 
 

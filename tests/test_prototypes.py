@@ -145,3 +145,36 @@ def test_fitted_crops_follow_the_concepts_blob_in_the_source_image():
     assert (crop.ref, crop.window) == (top.ref, top.window)
     assert list(crop.box) == cells_box((1, 1, 4, 5), 6, 6, 96)
     assert fitted[("code", False)] is mined[("code", False)]  # the window crops stay as mined
+
+
+def test_streamed_safetensors_reads_back_as_the_library_writes_it(tmp_path):
+    """The merge's streamed concepts.safetensors: the safetensors library loads every tensor as it was
+    given (its own reader, not ours), the JPEG files land beside it, a tensor out of its spec is refused."""
+    from safetensors.numpy import load_file
+
+    from conceptlens.precompute.bundle_writer import StreamedTensors, write_safetensors_streamed
+
+    rng = np.random.default_rng(0)
+    arrays = {"basis/0": rng.random((3, 5), np.float32), "samples/0": rng.random((7, 5)).astype(np.float16),
+              "weights/0": rng.random(3, np.float32), "codes": np.arange(6, dtype=np.int64).reshape(2, 3),
+              "jpeg": np.frombuffer(b"\xff\xd8abc", np.uint8)}
+    specs = {k: (v.dtype, v.shape) for k, v in arrays.items()}
+
+    def items():
+        for k, v in arrays.items():
+            yield "tensor", k, v
+            if k == "basis/0":
+                yield "file", "prototypes/0/0_0.jpg", b"jpeg bytes"
+    write_safetensors_streamed(tmp_path / "c.safetensors", StreamedTensors(specs, items), tmp_path)
+    back = load_file(str(tmp_path / "c.safetensors"))
+    assert set(back) == set(arrays)
+    for k, v in arrays.items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
+    assert (tmp_path / "prototypes/0/0_0.jpg").read_bytes() == b"jpeg bytes"
+
+    def wrong():
+        yield "tensor", "basis/0", arrays["basis/0"][:2]
+    with pytest.raises(ValueError, match="does not match"):
+        write_safetensors_streamed(tmp_path / "d.safetensors", StreamedTensors(specs, wrong), tmp_path)
+    with pytest.raises(ValueError, match="ended before"):
+        write_safetensors_streamed(tmp_path / "e.safetensors", StreamedTensors(specs, lambda: iter(())), tmp_path)
