@@ -36,6 +36,7 @@ from .model_access import ModelAccess
 from .feature_store import FeatureStore, PartFile
 from .features import SAFETENSORS_DTYPES, Progress, extract, safetensors_header, safetensors_info, save_part
 from .models import PreprocessingOverrides, SplitModel, load_model
+from .prototypes import BOXES, RANKINGS
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class Job:
     """One precompute run; the stages can run in separate processes (sharded) or all in one."""
 
     def __init__(self, cfg: PrecomputeConfig):
+        for name, value, allowed in (("--prototype-ranking", cfg.prototype_ranking, RANKINGS),
+                                     ("--prototype-box", cfg.prototype_box, BOXES)):
+            if value not in allowed:
+                raise JobError(f"{name} {value!r}: choose {' or '.join(allowed)}")
         self.cfg = cfg
         self.work = cfg.work_dir
         self.hash = cfg.config_hash()
@@ -283,6 +288,7 @@ class Job:
             params = resolve_learner_params(self.method, self.cfg.method_params)
         except LearnerParamsError as e:
             raise JobError(str(e)) from None
+
         return ClassPipeline(self.access, LearnSettings(self.cfg, self.method, self.signed, params), records, pool,
                              prototype_ranking=self.cfg.prototype_ranking)
 

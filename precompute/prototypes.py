@@ -181,6 +181,7 @@ def crop_jpeg(view_jpeg: bytes, box, quality: int = 90) -> bytes:
 
 
 FITTED = "fitted"  # the suffix of a ranking whose crops are fitted to the concept's extent: "code/fitted"
+BOXES = (FITTED, "window")  # --prototype-box
 
 
 def fit_boxes(mined: dict, basis: np.ndarray, pool, grid: tuple[int, int], cells: int, view_size: int

@@ -178,3 +178,13 @@ def test_streamed_safetensors_reads_back_as_the_library_writes_it(tmp_path):
         write_safetensors_streamed(tmp_path / "d.safetensors", StreamedTensors(specs, wrong), tmp_path)
     with pytest.raises(ValueError, match="ended before"):
         write_safetensors_streamed(tmp_path / "e.safetensors", StreamedTensors(specs, lambda: iter(())), tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [("prototype_box", "fited"), ("prototype_ranking", "cosin")])
+def test_an_unknown_prototype_setting_is_refused_before_anything_runs(tmp_path, field, value):
+    from conceptlens.precompute.config import JobError, PrecomputeConfig
+    from conceptlens.precompute.job import Job
+
+    cfg = PrecomputeConfig(model="efficientnet-lite0", data=str(tmp_path), out=str(tmp_path / "b"), **{field: value})
+    with pytest.raises(JobError, match=value):
+        Job(cfg)
