@@ -185,7 +185,7 @@ def print_imagenet(r: dict, shards: int) -> None:
         print(f"| {stage} | {s[stage]:.0f} s | {r['peak_rss_mib'][stage]:.0f} MiB |")
     print(f"| (learn's one mining pass, a shard) | {r['mine_s']:.0f} s | |")
     print(f"| merge | {s['merge']:.0f} s | |\n| **end to end** | **{total / 60:.1f} min** | |")
-    print("\nstitched test (code ranking, n = 4): " + ", ".join(
+    print("\nstitched test (the served prototypes, n = 4): " + ", ".join(
         f"{k} {v:.2f} of {n}" for k, (v, n) in r["stitched"].items()))
 
 
