@@ -24,7 +24,6 @@ import numpy as np
 from .features import SAFETENSORS_DTYPES, Record, safetensors_header, sample_rank
 
 
-
 class PartFile:
     """A safetensors file read by explicit reads (``os.pread``) of the rows asked for, never mapped:
     what a read returns is the process's memory, and nothing more of the file becomes resident

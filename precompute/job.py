@@ -34,7 +34,7 @@ from .learner_params import LearnerParamsError, resolve_learner_params
 from .learners.nmf import resolve_device
 from .model_access import ModelAccess
 from .feature_store import FeatureStore, PartFile
-from .features import SAFETENSORS_DTYPES, Progress, extract, safetensors_header, safetensors_info, save_part
+from .features import SAFETENSORS_DTYPES, Progress, extract, safetensors_info, save_part
 from .models import PreprocessingOverrides, SplitModel, load_model
 from .prototypes import BOXES, RANKINGS
 
@@ -288,7 +288,6 @@ class Job:
             params = resolve_learner_params(self.method, self.cfg.method_params)
         except LearnerParamsError as e:
             raise JobError(str(e)) from None
-
         return ClassPipeline(self.access, LearnSettings(self.cfg, self.method, self.signed, params), records, pool,
                              prototype_ranking=self.cfg.prototype_ranking)
 
@@ -366,8 +365,6 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
     """Assemble one bundle from the class results in ``work_dirs`` (one per shard, or a shared one)."""
     import tempfile
 
-    from safetensors.numpy import load
-
     from ..service.manifest import ClassEntry, MethodCard
     from .bundle_writer import StreamedTensors, write_bundle
 
@@ -391,33 +388,32 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
     classes, prototypes, specs, sources = {}, {}, {}, []
     signed = False
     for name, path in sorted(files.items(), key=lambda kv: int(kv[0].split(".")[0])):
-        header, _ = safetensors_header(path)
-        info = json.loads((header.get("__metadata__") or {})["info"])
-        if info["config_hash"] != configs[0]["config_hash"]:
+        part = PartFile(path)  # its header once: the manifest entry, the specs, then the reads
+        info, header = part.info, part.tensors
+        if info.get("config_hash") != configs[0]["config_hash"]:
             raise JobError(f"{path} comes from another configuration")
         cls = int(info["class_id"])
-        served = _served_names(cls, [n for n in header if n != "__metadata__"])
+        served = _served_names(cls, list(header))
         for bundle_name, own in served:
             specs[bundle_name] = (SAFETENSORS_DTYPES[header[own]["dtype"]], tuple(header[own]["shape"]))
         protos = [[{"file": f"prototypes/{cls}/{j}_{r}.jpg", "source": p["source"], "box": p["box"],
                     "score": p["score"]} for r, p in enumerate(concept)] for j, concept in enumerate(info["prototypes"])]
         prototypes[cls] = protos
         examples = header.get("examples_codes", {}).get("shape", [0])[0]
-        sources.append((path, served, protos, [(f"examples/{cls}/{i}.jpg", f"example/{i}") for i in range(examples)]))
+        sources.append((part, served, protos, [(f"examples/{cls}/{i}.jpg", f"example/{i}") for i in range(examples)]))
         classes[cls] = ClassEntry(**{k: info[k] for k in ("name", "k", "images", "images_seen", "held_out_images",
                                                           "metrics", "flags", "method")})
         signed = signed or bool(info.get("signed_features", False))
 
     def items():
-        for path, served, protos, examples in sources:
-            t = load(path.read_bytes())
+        for part, served, protos, examples in sources:
             for bundle_name, own in served:
-                yield "tensor", bundle_name, t[own]
+                yield "tensor", bundle_name, part.read(own)
             for j, refs in enumerate(protos):
                 for r, ref in enumerate(refs):
-                    yield "file", ref["file"], t[f"proto/{j}/{r}"].tobytes()
+                    yield "file", ref["file"], part.read(f"proto/{j}/{r}").tobytes()
             for rel, own in examples:
-                yield "file", rel, t[own].tobytes()
+                yield "file", rel, part.read(own).tobytes()
 
     tensors = StreamedTensors(specs, items)
     methods = sorted({c.method for c in classes.values()})
