@@ -103,14 +103,15 @@ class ClassPipeline:
         return ClassData(cls, recs, feats, train=order[n_held:], held=order[:n_held])
 
     def fit_learner(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None,
-                    method: str | None = None):
+                    method: str | None = None, init: np.ndarray | None = None):
         """The job's learner (or ``method``'s, with its defaults) fitted on ``feats`` (N, C, H, W) with k
         concepts (``components_`` (k, C)). ``params``: the job learner's parameters for this fit, every
-        ``auto`` one chosen (:meth:`LearnerParams.with_chosen`); with ``method`` they are that learner's."""
+        ``auto`` one chosen (:meth:`LearnerParams.with_chosen`); with ``method`` they are that learner's.
+        ``init`` (k, C): a start basis, for a learner that warm-starts (:func:`.fit.fit_learner`)."""
         from .fit import fit_learner
 
         method, kw = self._fit_keywords(params, method)
-        return fit_learner(method, feats, k=k, class_id=cls, **kw)
+        return fit_learner(method, feats, k=k, class_id=cls, init=init, **kw)
 
     def sweep_bases(self, cls: int, feats: np.ndarray, ks, params: dict | None = None, method: str | None = None):
         """k -> basis (k, C) of :meth:`fit_learner` on ``feats`` for each k of ``ks``, sharing what the

@@ -32,13 +32,14 @@ def basis_of(learner) -> np.ndarray:
 
 def fit_learner(method: str, feats: np.ndarray, *, k: int, class_id: int, head_weight: np.ndarray | None,
                 head_bias: np.ndarray | None, seed: int, device: torch.device, max_iter: int = 200,
-                tol: float = 1e-4, params: dict | None = None):
+                tol: float = 1e-4, params: dict | None = None, init: np.ndarray | None = None):
     """As :func:`fit_basis`, returning the fitted learner itself: ``components_`` (k, C) is the
     served basis; a learner may also have ``served_tensors() -> {name: array}``, extra per-class
-    tensors the bundle keeps as ``<name>/<class>`` (e.g. the decoding directions of ``directions``)."""
+    tensors the bundle keeps as ``<name>/<class>`` (e.g. the decoding directions of ``directions``).
+    ``init`` (k, C): a start basis for a learner that warm-starts (FACE); the others ignore it."""
     return _learner(method, head_weight, params).fit_class(
         feats, k=k, class_id=class_id, head_weight=head_weight, head_bias=head_bias, seed=seed, device=device,
-        max_iter=max_iter, tol=tol, params=params or {})
+        max_iter=max_iter, tol=tol, params=params or {}, init=init)
 
 
 def sweep_learner(method: str, feats: np.ndarray, ks, *, class_id: int, head_weight: np.ndarray | None,

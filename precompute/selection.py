@@ -91,10 +91,11 @@ def select(pipe: ClassPipeline, data: ClassData) -> tuple[Any, dict, dict]:
     fit_part, val_part = validation_split(data, cfg.seed)
     record: dict = {}
     k = int(cfg.concepts) if not auto_k else choose_k(pipe, data, fit_part, val_part, record)
-    params = {}
+    params, init = {}, None
     if auto_lambda:
-        params["face_lambda"] = choose_lambda(pipe, data, fit_part, val_part, k, record)
-    learner = pipe.fit_learner(data.cls, data.train_feats, k, params)
+        params["face_lambda"], init = choose_lambda(pipe, data, fit_part, val_part, k, record)
+    # the chosen lambda's basis on the fit part starts the final fit (lambda = 0 is NMF: fitted afresh)
+    learner = pipe.fit_learner(data.cls, data.train_feats, k, params, init=init)
     if auto_k and not hasattr(learner, "served_tensors"):  # a learner with paired tensors keeps its k
         merged = merge_split_concepts(learner, pipe, data)
         if merged:
@@ -182,11 +183,12 @@ def choose_k(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_par
 
 
 def choose_lambda(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_part: np.ndarray, k: int,
-                  record: dict) -> float:
-    """FACE's lambda by validation fidelity, guarded by accuracy on reconstructions (module docstring)."""
-    rows = []
+                  record: dict) -> tuple[float, np.ndarray | None]:
+    """FACE's lambda by validation fidelity, guarded by accuracy on reconstructions (module docstring),
+    and its basis (k, C) on ``fit_part`` (None for lambda = 0, plain NMF, whose start is not FACE's)."""
+    rows, bases = [], {}
     for lam in LAMBDAS:
-        basis = pipe.fit_basis(data.cls, fit_part, k, {"face_lambda": lam})
+        basis = bases[lam] = pipe.fit_basis(data.cls, fit_part, k, {"face_lambda": lam})
         m = _score(pipe, data.cls, basis, val_part, "face")
         rows.append({"lambda": lam, "val_ice_fidelity": float(m.get("ice_fidelity", float("nan"))),
                      "val_top1_agreement": float(m.get("top1_agreement", float("nan"))),
@@ -199,7 +201,7 @@ def choose_lambda(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, va
         [r for r in ok if r["val_ice_fidelity"] <= best + max(FIDELITY_SLACK, FIDELITY_TOLERANCE * best)] or ok)
     chosen = min(ok, key=lambda r: (r["val_ice_fidelity"], r["lambda"]))["lambda"]
     record["lambda"] = {"chosen": chosen, "sweep": rows}
-    return float(chosen)
+    return float(chosen), (bases[chosen] if chosen > 0 else None)
 
 
 def merge_split_concepts(learner, pipe: ClassPipeline, data: ClassData) -> list[list[int]]:

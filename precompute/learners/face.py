@@ -353,17 +353,22 @@ class FACE(ConceptLearner):
     @classmethod
     def fit_class(cls, feats: np.ndarray, *, k: int, class_id: int | None = None, head_weight: np.ndarray | None = None,
                   head_bias: np.ndarray | None = None, seed: int = 0, device=None, max_iter: int = 200,
-                  tol: float = 1e-4, params: dict | None = None, **_) -> "FACE":
+                  tol: float = 1e-4, params: dict | None = None, init: np.ndarray | None = None,
+                  **_) -> "FACE":
         """One class's features (N, C, H, W) -> fitted (the job's entry, ``ConceptLearner.fit_class``).
         ``max_iter``/``tol`` are the NMF warm start's (the ``nmf`` learner's settings, so the start is the
         basis ``--method nmf`` would serve); ``params["face_lambda"]`` is the KL weight (1.0),
-        ``params["face_tol"]`` FACE's own stop rule (5e-4: see the class)."""
+        ``params["face_tol"]`` FACE's own stop rule (5e-4: see the class); ``init`` (k, C): a FACE basis
+        of similar data to start from instead of NMF's (the λ sweep's on the class's fit part, polished on
+        all its training images), so without the head-weighted second start, which exists for NMF starts."""
         params = params or {}
         n, c, h, w = feats.shape
         acts = torch.from_numpy(np.ascontiguousarray(feats.reshape(n, c, h * w).transpose(0, 2, 1)))
         return cls(k, lam=float(params.get("face_lambda", 1.0)), tol=float(params.get("face_tol", 5e-4)), seed=seed,
-                   device=device, nmf_max_iter=max_iter, nmf_tol=tol).fit(acts, torch.from_numpy(head_weight),
-                                                                        torch.from_numpy(head_bias), class_id=class_id)
+                   device=device, nmf_max_iter=max_iter, nmf_tol=tol,
+                   head_weighted_start="auto" if init is None else False).fit(acts, torch.from_numpy(head_weight),
+                                                                        torch.from_numpy(head_bias), class_id=class_id,
+                                                                        init=None if init is None else torch.from_numpy(init))
 
     def __init__(self, n_components: int, lam: float = 1.0, max_iter: int = 200, tol: float = 5e-4,
                  seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
