@@ -58,7 +58,7 @@ class PrecomputeConfig:
     contrast_samples: int = 512
     examples: int = 2
     batch_size: int = 32
-    extract_memory_mib: int = 512  # feature maps a shard holds before spilling to disk (not hashed: same result)
+    extract_memory_mib: int = 256  # feature maps a shard holds before spilling to disk (not hashed: same result)
     device: str = "auto"
     shard: tuple[int, int] = (0, 1)
 

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attribution-filtered pixels kept per class for contrasts on request (0: no contrasts)")
     p.add_argument("--examples", type=int, default=2, help="example images with heatmaps per class for the report")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--extract-memory-mib", type=int, default=512,
+    p.add_argument("--extract-memory-mib", type=int, default=256,
                    help="feature maps an extract shard holds in memory before it writes them out (spill files; "
                         "the result is the same whatever the budget); a shard's peak is about 1.5 GiB (the model) "
                         "+ 3x this (writing a file copies the maps twice)")

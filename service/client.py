@@ -158,17 +158,18 @@ class ExplainClient:
         status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
         return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until health says SERVING; TimeoutError otherwise."""
+    def wait_ready(self, timeout: float = 60.0, service: str = "") -> None:
+        """Block until health says SERVING; TimeoutError otherwise. ``service``: a model's name (the
+        server as a whole is SERVING as soon as any one model is ready)."""
         import time
 
         end = time.monotonic() + timeout
         while True:
             try:
-                if self.health(timeout=1.0) == "SERVING":
+                if self.health(service, timeout=1.0) == "SERVING":
                     return
             except grpc.RpcError:
                 pass
             if time.monotonic() > end:
-                raise TimeoutError("the server did not become SERVING in time")
+                raise TimeoutError(f"{service or 'the server'} did not become SERVING in time")
             time.sleep(0.1)

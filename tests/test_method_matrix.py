@@ -103,7 +103,8 @@ def test_every_method_with_its_defaults_through_the_cli_and_the_service(world_mo
     server = ServeProcess(None, "--no-concept-metrics", repository=repo, log=tmp_path / "serve.log")
     try:
         with ExplainClient(server.target) as client:
-            client.wait_ready(timeout=180)
+            for method in METHODS:  # the server is SERVING once any model is: wait for each
+                client.wait_ready(timeout=180, service=method)
             assert sorted(m.name for m in client.list_models().models) == sorted(METHODS)
             for method in METHODS:
                 for s, ref in zip(held, own):
