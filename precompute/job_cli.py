@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extract-memory-mib", type=int, default=256,
                    help="feature maps an extract shard holds in memory before it writes them out (spill files; "
                         "the result is the same whatever the budget); a shard's peak is about 1.5 GiB (the model) "
-                        "+ 3x this (writing a file copies the maps twice)")
+                        "+ 3-4x this (writing a file copies the maps twice)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--shard", default="0/1", help="I/N: this process's share (data for extract, classes for learn)")
     p.add_argument("--stage", choices=("all", "extract", "learn", "merge"), default="all")

@@ -364,11 +364,11 @@ class FACE(ConceptLearner):
         params = params or {}
         n, c, h, w = feats.shape
         acts = torch.from_numpy(np.ascontiguousarray(feats.reshape(n, c, h * w).transpose(0, 2, 1)))
-        return cls(k, lam=float(params.get("face_lambda", 1.0)), tol=float(params.get("face_tol", 5e-4)), seed=seed,
-                   device=device, nmf_max_iter=max_iter, nmf_tol=tol,
-                   head_weighted_start="auto" if init is None else False).fit(acts, torch.from_numpy(head_weight),
-                                                                        torch.from_numpy(head_bias), class_id=class_id,
-                                                                        init=None if init is None else torch.from_numpy(init))
+        learner = cls(k, lam=float(params.get("face_lambda", 1.0)), tol=float(params.get("face_tol", 5e-4)),
+                      seed=seed, device=device, nmf_max_iter=max_iter, nmf_tol=tol,
+                      head_weighted_start="auto" if init is None else False)
+        return learner.fit(acts, torch.from_numpy(head_weight), torch.from_numpy(head_bias), class_id=class_id,
+                           init=None if init is None else torch.from_numpy(init))
 
     def __init__(self, n_components: int, lam: float = 1.0, max_iter: int = 200, tol: float = 5e-4,
                  seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
