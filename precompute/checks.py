@@ -69,11 +69,15 @@ def concept_curves(explainer: Explainer, cid: int, feats: np.ndarray, head_weigh
               "sobol": sobol_total_order(codes, proj.basis, head_weight if head_weight is not None else head_fn,
                                          cid, (c, h, w), n_designs=n_designs, seed=seed)}
 
+    if head_weight is not None:  # GAP + linear: the logits are linear in the image's mean codes
+        mean_codes = codes.mean(axis=1)  # (N, k)
+        concept_logits = proj.basis @ head_weight.T  # (k, K): each concept direction's logits
+
     def accuracy(mask: np.ndarray) -> float:
-        masked = codes * mask
         if head_weight is not None:
-            logits = (masked.mean(axis=1) @ proj.basis) @ head_weight.T + head_bias
+            logits = (mean_codes * mask) @ concept_logits + head_bias
         else:
+            masked = codes * mask
             recon = (masked @ proj.basis).transpose(0, 2, 1).reshape(n, c, h, w)
             logits = head_fn(recon.astype(np.float32))
         return float((logits.argmax(axis=1) == cid).mean())

@@ -12,7 +12,9 @@ through the served projection, so the held-out images stay untouched for the rep
   within ``DELETION_INSERTION_SLACK`` of their best (concepts whose removal moves the decision).
   Parsimony among them: the smallest k whose stability is at least ``MIN_STABILITY`` (else the
   smallest kept). Stability is measured only where it decides (kept candidates, smallest k first,
-  up to the first stable one).
+  up to the first stable one). The k's are fitted side by side (one pass over the pixels an
+  iteration for all of them, ``NMF.sweep``). With ``--method nmf`` the chosen k's basis on the fit
+  part starts the final fit on all the training images, as the chosen lambda's does for FACE.
 - merge: after the final fit, two concepts whose directions have cosine >= ``MERGE_COSINE`` and
   whose codes rarely fire at the same pixel (spatial correlation <= ``MERGE_OVERLAP``) are one
   part seen at different places (NMF splits an object into its left and right edge when k is too
@@ -90,11 +92,16 @@ def select(pipe: ClassPipeline, data: ClassData) -> tuple[Any, dict, dict]:
         return pipe.fit_learner(data.cls, data.train_feats, int(cfg.concepts)), {}, {}
     fit_part, val_part = validation_split(data, cfg.seed)
     record: dict = {}
-    k = int(cfg.concepts) if not auto_k else choose_k(pipe, data, fit_part, val_part, record)
     params, init = {}, None
+    if auto_k:
+        k, base_basis = choose_k(pipe, data, fit_part, val_part, record)
+        if pipe.method == BASE_LEARNER[bool(pipe.signed)] == "nmf":
+            init = base_basis  # the job's own learner: the chosen k's basis on the fit part starts the final fit
+    else:
+        k = int(cfg.concepts)
     if auto_lambda:
         params["face_lambda"], init = choose_lambda(pipe, data, fit_part, val_part, k, record)
-    # the chosen lambda's basis on the fit part starts the final fit (lambda = 0 is NMF: fitted afresh)
+    # the chosen basis on the fit part starts the final fit (FACE's lambda = 0 is NMF: fitted afresh)
     learner = pipe.fit_learner(data.cls, data.train_feats, k, params, init=init)
     if auto_k and not hasattr(learner, "served_tensors"):  # a learner with paired tensors keeps its k
         merged = merge_split_concepts(learner, pipe, data)
@@ -124,7 +131,7 @@ def _score(pipe: ClassPipeline, cls: int, basis: np.ndarray, feats: np.ndarray, 
     ex = single_class_explainer(pipe.model.class_names, cls, basis, weights, pipe.hw, pipe.hb, pipe.hfn, method,
                                 anchor)
     codes = served_codes(ex, cls, feats)
-    m = evaluate_class(ex, cls, feats, pipe.hw, pipe.hb, pipe.hfn, codes)
+    m = evaluate_class(ex, cls, feats, pipe.hw, pipe.hb, pipe.hfn, codes, identity=False)
     curves = concept_curves(ex, cls, feats, pipe.hw, pipe.hb, pipe.hfn, codes, importance="sobol")
     m["val_c_del"], m["val_c_ins"] = float(curves.get("c_del", np.nan)), float(curves.get("c_ins", np.nan))
     m["val_deletion_insertion"] = (m["val_c_del"] + m["val_c_ins"]) / 2
@@ -149,8 +156,9 @@ def _base_bases(pipe: ClassPipeline, cls: int, feats: np.ndarray, ks):
 
 
 def choose_k(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_part: np.ndarray,
-             record: dict) -> int:
-    """k by validation fidelity and stability with the parsimony rule (module docstring)."""
+             record: dict) -> tuple[int, np.ndarray]:
+    """(k, the base learner's basis (k, C) on ``fit_part``): k by validation fidelity and stability with
+    the parsimony rule (module docstring)."""
     from .checks import matched_cosine
 
     pixels = fit_part.shape[0] * fit_part.shape[2] * fit_part.shape[3]
@@ -179,7 +187,7 @@ def choose_k(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_par
                 break
     record["k"] = {"chosen": chosen, "sweep": rows}
     log.debug("class %d: k sweep %s -> %d", data.cls, rows, chosen)
-    return chosen
+    return chosen, on_fit_part(chosen)
 
 
 def choose_lambda(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, val_part: np.ndarray, k: int,

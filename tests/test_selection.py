@@ -69,7 +69,7 @@ def test_k_is_the_smallest_that_fits_the_planted_parts(parts, expected):
     feats, _ = planted_feats(parts)
     pipe, record = fake_pipeline(), {}
     data = class_data(feats)
-    k = choose_k(pipe, data, feats[:60], feats[60:], record)
+    k, _ = choose_k(pipe, data, feats[:60], feats[60:], record)
     assert k == expected, record["k"]["sweep"]
     sweep = {r["k"]: r for r in record["k"]["sweep"]}
     assert set(sweep) == set(K_RANGE)
@@ -133,7 +133,7 @@ def test_the_report_shows_the_sweep_and_the_choice():
 
     feats, _ = planted_feats(4)
     record = {}
-    k = choose_k(fake_pipeline(), class_data(feats), feats[:60], feats[60:], record)
+    k, _ = choose_k(fake_pipeline(), class_data(feats), feats[:60], feats[60:], record)
     page = _selection_html(record)
     assert f"k = <b>{k}</b>" in page and page.count("<tr") == len(K_RANGE) + 1
     assert f"<tr class=chosen><td>{k}</td>" in page
@@ -159,7 +159,9 @@ def test_face_lambda_is_chosen_by_validation_fidelity_within_the_accuracy_guard(
 
 def test_the_final_face_fit_starts_from_the_chosen_lambdas_basis_and_ends_as_low_as_a_fresh_fit(monkeypatch):
     """The λ sweep's basis (fit part) starts the final fit on all training images; polished there, it
-    reaches the FACE objective of a fit from NMF's start (within 1 %), with fewer iterations."""
+    reaches the FACE objective of a fit from NMF's start (within 1 %). (Its speed is the bench's: on 40
+    planted images the evaluation counts of the two fits swing either way with the rounding of the NMF
+    start; on a 150-image class the warm start's final fit is 0.2 s against 1.7 s, README.)"""
     from conceptlens.precompute import selection
     from conceptlens.precompute.fit import fit_learner as fl
 
@@ -174,7 +176,39 @@ def test_the_final_face_fit_starts_from_the_chosen_lambdas_basis_and_ends_as_low
     fresh = fl("face", feats, k=5, class_id=1, head_weight=pipe.hw, head_bias=pipe.hb, seed=0,
                device=torch.device("cpu"), params={"face_lambda": 1.0})
     assert learner.loss_ <= fresh.loss_ * 1.01
-    assert learner.n_evals_ < fresh.n_evals_
+
+
+def test_the_final_nmf_fit_starts_from_the_chosen_ks_basis_and_ends_as_low_as_a_fresh_fit():
+    """With --method nmf and auto k, the chosen k's basis on the fit part starts the final fit on all
+    training images; it reaches the squared error of a fit from NNDSVDa (within 1 %)."""
+    from conceptlens.precompute.fit import fit_learner as fl
+
+    feats, _ = planted_feats(4, n=80)
+    pipe = fake_pipeline()
+    inits, fit = [], pipe.fit_learner
+    pipe.fit_learner = lambda cls, f, k, params=None, learner=None, init=None: (
+        inits.append(init), fit(cls, f, k, params, learner, init))[1]
+    learner, record, _ = select(pipe, class_data(feats))
+    k = record["k"]["chosen"]
+    assert inits[-1] is not None and inits[-1].shape == (k, C)
+    fresh = fl("nmf", feats, k=k, class_id=1, head_weight=pipe.hw, head_bias=pipe.hb, seed=0,
+               device=torch.device("cpu"))
+    assert learner.loss_ <= fresh.loss_ * 1.01
+
+
+def test_a_k_sweep_fitted_side_by_side_is_each_k_fitted_alone():
+    """NMF.sweep runs every k's HALS in one loop over X; each fit ends where its own fit ends."""
+    from conceptlens.precompute.learners.nmf import NMF, lowrank_svd, pixel_rows
+
+    feats, _ = planted_feats(4, n=40)
+    fit_k = NMF.sweep(feats, [3, 5, 8])
+    x = torch.from_numpy(pixel_rows(feats))
+    svd = lowrank_svd(x, 8, 0)
+    for k in (3, 5, 8):
+        alone = NMF(k).fit(x, svd=svd)
+        together = fit_k(k)
+        assert together.n_iter_ == alone.n_iter_
+        np.testing.assert_allclose(together.components_.numpy(), alone.components_.numpy(), rtol=1e-3, atol=1e-5)
 
 
 def test_a_candidate_far_below_the_best_deletion_insertion_is_passed_over():
