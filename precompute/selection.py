@@ -19,7 +19,9 @@ through the served projection, so the held-out images stay untouched for the rep
   whose codes rarely fire at the same pixel (spatial correlation <= ``MERGE_OVERLAP``) are one
   part seen at different places (NMF splits an object into its left and right edge when k is too
   large): they become one direction (their normalized sum), and k drops by one.
-- lambda (``--face-lambda auto``, FACE): a sweep over ``LAMBDAS`` at the chosen k. Kept as for k:
+- lambda (``--face-lambda auto``, FACE): a sweep over ``LAMBDAS`` at the chosen k, as a path: the
+  smallest lambda > 0 starts from NMF's basis (FACE's own start), each larger one from the basis of
+  the one before (the KL term's weight grows, the optimum moves, the previous one is near). Kept as for k:
   accuracy on reconstructed activations within ``ACCURACY_GUARD`` of lambda = 0, validation ICE
   fidelity within the tolerance of the best, (C-Del + C-Ins) / 2 within ``DELETION_INSERTION_SLACK``
   of the best kept; the best fidelity of those wins.
@@ -194,9 +196,14 @@ def choose_lambda(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, va
                   record: dict) -> tuple[float, np.ndarray | None]:
     """FACE's lambda by validation fidelity, guarded by accuracy on reconstructions (module docstring),
     and its basis (k, C) on ``fit_part`` (None for lambda = 0, plain NMF, whose start is not FACE's)."""
-    rows, bases = [], {}
-    for lam in LAMBDAS:
-        basis = bases[lam] = pipe.fit_basis(data.cls, fit_part, k, {"face_lambda": lam})
+    from .fit import basis_of
+
+    rows, bases, previous = [], {}, None
+    for lam in sorted(LAMBDAS):
+        # a path in lambda: each lambda > 0 after the first starts from the previous one's basis
+        init = bases[previous] if previous else None
+        basis = bases[lam] = basis_of(pipe.fit_learner(data.cls, fit_part, k, {"face_lambda": lam}, init=init))
+        previous = lam
         m = _score(pipe, data.cls, basis, val_part, "face")
         rows.append({"lambda": lam, "val_ice_fidelity": float(m.get("ice_fidelity", float("nan"))),
                      "val_top1_agreement": float(m.get("top1_agreement", float("nan"))),
