@@ -201,7 +201,7 @@ def choose_lambda(pipe: ClassPipeline, data: ClassData, fit_part: np.ndarray, va
     rows, bases, previous = [], {}, None
     for lam in sorted(LAMBDAS):
         # a path in lambda: each lambda > 0 after the first starts from the previous one's basis
-        init = bases[previous] if previous else None
+        init = bases[previous] if previous is not None and previous > 0 else None
         basis = bases[lam] = basis_of(pipe.fit_learner(data.cls, fit_part, k, {"face_lambda": lam}, init=init))
         previous = lam
         m = _score(pipe, data.cls, basis, val_part, "face")

@@ -115,7 +115,7 @@ def hals_fit_many(x: torch.Tensor, starts: list[tuple[torch.Tensor, torch.Tensor
         still = []
         for i, wtx in zip(running, wtxs.split(sizes)):
             wtw = wts[i] @ wts[i].T
-            hs[i] = _hals_sweeps(hs[i], wtx.contiguous(), wtw, inner)
+            hs[i] = _hals_sweeps(hs[i], wtx, wtw, inner)
             # ||X - WH||^2 from quantities already computed: ||X||^2 - 2 <W^T X, H> + <W^T W, H H^T>
             loss = float((norm_x - 2 * (wtx * hs[i]).sum() + (wtw * (hs[i] @ hs[i].T)).sum()).clamp(min=0) / 2)
             iters[i] = it
@@ -193,8 +193,8 @@ class NMF(ConceptLearner):
 
         def fit_k(k: int) -> "NMF":
             if k not in fitted:
-                todo = [cls(j, max_iter=max_iter, tol=tol, seed=seed, device=device) for j in ks if j not in fitted]
-                todo = todo if k in ks else [cls(k, max_iter=max_iter, tol=tol, seed=seed, device=device)]
+                todo = [cls(j, max_iter=max_iter, tol=tol, seed=seed, device=device)
+                        for j in ([j for j in ks if j not in fitted] if k in ks else [k])]
                 xs = todo[0]._as_input(x)
                 svd = lowrank_svd(xs, max(m.n_components for m in todo), seed)
                 cls.fit_many(todo, xs, svd)
