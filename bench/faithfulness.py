@@ -12,8 +12,9 @@ Each method runs ``conceptlens precompute``'s job with its defaults (``--concept
 ``--face-lambda auto``) and the columns are read from the bundle's evaluation (held-out images,
 scored through the served projection):
 
-- ICE fidelity: mean over held-out images of |logit - reconstructed logit| summed over classes /
-  |logit| summed (relative L1; lower is better);
+- ICE fidelity: ICE's relative error of the class's own logit, mean over held-out images of
+  |logit_y - reconstructed logit_y| / |mean logit_y| (lower is better; ICE scores only the
+  ground-truth class's output);
 - C-Del, C-Ins, C-Gini with FACE's definitions: concepts ordered by CRAFT's Sobol total-order
   importance; accuracy = share of held-out images whose argmax on the reconstruction (codes with
   the top-i concepts zeroed, or only they kept) is the class; C-Del = sum_i (acc_0 - acc_i)/(k+1)
@@ -103,15 +104,18 @@ def dataset_config(name: str, work: Path) -> dict:
     raise SystemExit(f"unknown data set {name!r}")
 
 
-def run_method(dataset: str, method: str, base: dict, work: Path, ranking: str, cells: int = 2
-               ) -> tuple[dict, float]:
+def run_method(dataset: str, method: str, base: dict, work: Path, ranking: str, cells: int = 2,
+               concepts: str = "auto", face_lambda: str = "auto") -> tuple[dict, float]:
     from conceptlens.precompute.job import PrecomputeConfig, run
 
-    tag = f"{dataset}-{method}-{ranking}" + (f"-cells{cells}" if cells != 2 else "")
+    tag = (f"{dataset}-{method}-{ranking}" + (f"-cells{cells}" if cells != 2 else "")
+           + (f"-k{concepts}" if concepts != "auto" else "")
+           + (f"-lambda{face_lambda}" if method == "face" and face_lambda != "auto" else ""))
     out = work / "bundles" / tag
-    params = {"face_lambda": "auto"} if method == "face" else {}
+    params = {"face_lambda": face_lambda if face_lambda == "auto" else float(face_lambda)} if method == "face" else {}
     cfg = PrecomputeConfig(**base, out=str(out), work=str(work / "work" / tag), method=method, method_params=params,
-                           device="cpu", prototype_ranking=ranking, prototype_cells=cells, examples=0)
+                           device="cpu", prototype_ranking=ranking, prototype_cells=cells, examples=0,
+                           concepts=concepts if concepts == "auto" else int(concepts))
     t = time.perf_counter()
     if not (out / "manifest.json").is_file():
         run(cfg)
@@ -193,6 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ranking", default="code", help="the served prototype ranking (both are tested)")
     ap.add_argument("--prototype-cells", type=int, default=2, help="crop windows of this many feature cells a side")
+    ap.add_argument("--concepts", default="auto", help="k per class, or auto (the default's selection)")
+    ap.add_argument("--face-lambda", default="auto", help="FACE's lambda, or auto")
     ap.add_argument("--work", default=str(CACHE / "faithfulness"))
     ap.add_argument("--plot", default="faithfulness.png")
     ap.add_argument("--json", default=None, help="write the summaries here")
@@ -204,7 +210,8 @@ def main(argv=None) -> int:
         base = dataset_config(dataset, work)
         results[dataset] = {}
         for method in [m for m in args.methods.split(",") if m]:
-            manifest, secs = run_method(dataset, method, base, work, args.ranking, args.prototype_cells)
+            manifest, secs = run_method(dataset, method, base, work, args.ranking, args.prototype_cells,
+                                         args.concepts, args.face_lambda)
             s = summarize(manifest)
             s["seconds"] = secs
             results[dataset][method] = s
