@@ -22,8 +22,10 @@ scored through the served projection):
   importances; per class, then the mean over classes;
 - stitched: share of classes passing Herdt & Otero Baguer's test (top crop of each of the 4 most
   important concepts, stitched), allowing / excluding crops of images predicted as the class, for
-  each prototype ranking (``code``: the served NNLS code, ``cosine``: the paper's), with the mined
-  window as the crop and with the crop fitted to the concept's extent (``/fitted``); and the served
+  each prototype ranking (``evidence``: the served NNLS code times the head's probability of the
+  class on the crop, the default; ``code``: the code alone; ``cosine``: the paper's), with the
+  crop fitted to the concept's extent (``/fitted``) and, for ``cosine``, the mined window as the
+  paper cuts it; and the served
   prototypes' (``--prototype-ranking`` and ``--prototype-box``) rates over the "predicted classes"
   only, those the model predicts for most of their images (grouped by label, a class the model
   calls otherwise has little of it to show);
@@ -134,9 +136,11 @@ def summarize(manifest: dict) -> dict:
         for r, res in (st.get("by_ranking") or {}).items():
             row[f"stitched_{r}"] = res.get("pass")
             row[f"stitched_{r}_excl"] = res.get("pass_excluding_class")
+        row["stitched_served"] = st.get("pass")  # the served ranking and crops
+        row["stitched_served_excl"] = st.get("pass_excluding_class")
         if m.get("predicted_as_class", 1.0) >= 0.5:  # the model predicts the class for most of its images
-            row["stitched_code_predicted"] = st.get("pass")  # the served ranking and crops
-            row["stitched_code_excl_predicted"] = st.get("pass_excluding_class")
+            row["stitched_served_predicted"] = st.get("pass")
+            row["stitched_served_excl_predicted"] = st.get("pass_excluding_class")
         pairs = (m.get("shift") or {}).get("pairs") or []
         row["shift"] = pairs[0]["max_probability"] if pairs else None
         rows.append(row)
@@ -144,24 +148,22 @@ def summarize(manifest: dict) -> dict:
     def mean(key):
         vals = [float(r[key]) for r in rows if r.get(key) is not None]
         return float(np.mean(vals)) if vals else float("nan")
-    out = {key: mean(key) for key in ("ice_fidelity", "c_del", "c_ins", "c_gini", "k", "shift",
-                                      "stitched_code", "stitched_code_excl", "stitched_cosine", "stitched_cosine_excl",
-                                      "stitched_code/fitted", "stitched_code/fitted_excl",
-                                      "stitched_cosine/fitted", "stitched_cosine/fitted_excl",
-                                      "stitched_code_predicted", "stitched_code_excl_predicted")}
-    out["classes_predicted"] = sum(r.get("stitched_code_predicted") is not None for r in rows)
+    keys = {k for r in rows for k in r if k.startswith("stitched_")}
+    out = {key: mean(key) for key in ("ice_fidelity", "c_del", "c_ins", "c_gini", "k", "shift", *sorted(keys))}
+    out["classes_predicted"] = sum(r.get("stitched_served_predicted") is not None for r in rows)
     out["classes"] = len(rows)
     out["curves"] = [r["del_curve"] for r in rows if r["del_curve"]], [r["ins_curve"] for r in rows if r["ins_curve"]]
     return out
 
 
 COLUMNS = (("ice_fidelity", "ICE fid."), ("c_del", "C-Del"), ("c_ins", "C-Ins"), ("c_gini", "C-Gini"), ("k", "k"),
-           ("stitched_code", "stitch code"), ("stitched_code_excl", "stitch code excl."),
-           ("stitched_cosine", "stitch cos"), ("stitched_cosine_excl", "stitch cos excl."),
-           ("stitched_code/fitted", "stitch code fitted"), ("stitched_code/fitted_excl", "stitch code fitted excl."),
-           ("stitched_cosine/fitted", "stitch cos fitted"), ("stitched_cosine/fitted_excl", "stitch cos fitted excl."),
-           ("stitched_code_predicted", "stitch served, predicted classes"),
-           ("stitched_code_excl_predicted", "excl., predicted classes"), ("shift", "shift"))
+           ("stitched_served", "stitch served"), ("stitched_served_excl", "served excl."),
+           ("stitched_evidence/fitted", "evidence fitted"), ("stitched_evidence/fitted_excl", "evidence fitted excl."),
+           ("stitched_code/fitted", "code fitted"), ("stitched_code/fitted_excl", "code fitted excl."),
+           ("stitched_cosine/fitted", "cos fitted"), ("stitched_cosine/fitted_excl", "cos fitted excl."),
+           ("stitched_cosine", "cos window"), ("stitched_cosine_excl", "cos window excl."),
+           ("stitched_served_predicted", "served, predicted classes"),
+           ("stitched_served_excl_predicted", "excl., predicted classes"), ("shift", "shift"))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="fashion,cifar,imagenet")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--ranking", default="code", help="the served prototype ranking (both are tested)")
+    ap.add_argument("--ranking", default="evidence", help="the served prototype ranking (all are tested)")
     ap.add_argument("--prototype-cells", type=int, default=2, help="crop windows of this many feature cells a side")
     ap.add_argument("--concepts", default="auto", help="k per class, or auto (the default's selection)")
     ap.add_argument("--face-lambda", default="auto", help="FACE's lambda, or auto")
@@ -220,7 +222,8 @@ def main(argv=None) -> int:
         print("| method | " + " | ".join(h for _, h in COLUMNS) + " |")
         print("|---|" + "---|" * len(COLUMNS))
         for method, s in results[dataset].items():
-            print(f"| {method} | " + " | ".join(f"{s[c]:.3f}" if c != "k" else f"{s[c]:.1f}" for c, _ in COLUMNS) + " |")
+            print(f"| {method} | " + " | ".join(f"{s.get(c, float('nan')):.3f}" if c != "k" else f"{s[c]:.1f}"
+                                                for c, _ in COLUMNS) + " |")
     if args.plot:
         plot(results, Path(args.plot))
         print(f"\ndeletion / insertion curves: {args.plot}")

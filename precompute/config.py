@@ -48,7 +48,7 @@ class PrecomputeConfig:
     prototypes: int = 5
     prototype_cells: int = 2
     prototypes_exclude_class: bool = False
-    prototype_ranking: str = "code"  # code | cosine (precompute/prototypes.py)
+    prototype_ranking: str = "evidence"  # evidence | code | cosine (precompute/prototypes.py)
     prototype_box: str = "fitted"  # window | fitted: a crop cut to its concept's extent (prototypes.fit_boxes)
     classes: list[str] | None = None
     seed: int = 0

@@ -262,11 +262,13 @@ class Job:
         """Mine the crops of ``classes`` (staged) in one pass of the pool, then finish and write each."""
         from safetensors.numpy import load
 
-        from .prototypes import mine_classes
+        from .prototypes import head_on_windows, mine_classes
 
         t0 = time.perf_counter()
         bases = {c: PartFile(self.staged_path(c)).read("basis") for c in classes}
-        mined = mine_classes(pool, bases, max(1, self.cfg.prototypes))
+        weight, bias, head_fn = self.access.head()
+        mined = mine_classes(pool, bases, max(1, self.cfg.prototypes),
+                             window_logits=head_on_windows(weight, bias, head_fn, tuple(self.model.feature_shape[1:])))
         log.info("prototypes: %d classes' concepts mined over %d pool images in one pass, %.1f s; peak RSS %.0f MiB",
                  len(classes), len(pool.images), time.perf_counter() - t0, peak_rss_mib())
         progress = Progress("finish classes", total=len(classes), every=0)

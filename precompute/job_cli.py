@@ -37,9 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", type=float, default=0.2, help="share of each class's images kept for evaluation")
     p.add_argument("--prototypes", type=int, default=5, help="prototype crops per concept")
     p.add_argument("--prototype-cells", type=int, default=2, help="crop window in feature-map cells")
-    p.add_argument("--prototype-ranking", choices=("code", "cosine"), default="code",
-                   help="how a concept's crops are ranked: code (its served NNLS code in the crop, the default: "
-                        "passes the stitched test more often) or cosine (Herdt & Otero Baguer's cosine similarity)")
+    p.add_argument("--prototype-ranking", choices=("evidence", "code", "cosine"), default="evidence",
+                   help="how a concept's crops are ranked: evidence (the default: its served NNLS code in the crop "
+                        "times the head's probability of the class on the crop's activation; passes the stitched "
+                        "test most often), code (the code alone) or cosine (Herdt & Otero Baguer's cosine similarity)")
     p.add_argument("--prototype-box", choices=("window", "fitted"), default="fitted",
                    help="a crop's extent: fitted to the concept's code map in the source image (the default: the "
                         "blob around its peak, 1 to 2 windows a side; passes the stitched test more often) or its "

@@ -14,6 +14,12 @@ allows); both rankings of a crop for concept j come from it:
   the window's mean activation onto the class basis (the same projection as a served image's
   presence), i.e. how much of the concept the crop holds, next to the other concepts. The NNLS
   solver takes the correlations V B^T, which are P scaled by the basis norms: no second product.
+- ``evidence`` (the default): the code times the probability the model's head gives the class on
+  the window's mean activation, softmax(h(v))_y: a crop that holds much of the concept *and* that
+  the model, there, reads as the class (a concept's crops from another class's image, where the
+  same part is evidence for that other class, drop down). Like relevance-chosen references
+  (zennit-crp) rather than activation-chosen ones. It needs the head on window means
+  (``window_logits``); without it mining has the other two rankings only.
 
 Each concept keeps its top ``m`` crops, at most one per source image, for each ranking and each
 variant (all pool images, or only those the model does not predict as the class): per block the
@@ -25,7 +31,7 @@ exactly what a single run mines.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +41,9 @@ from .feature_store import ImageRef, WindowBlock
 from .features import Record
 from .windows import window_means
 
-RANKINGS = ("code", "cosine")
-DEFAULT_RANKING = "code"  # chosen by the stitched test over both (README: Prototypes; bench/faithfulness.py)
+RANKINGS = ("evidence", "code", "cosine")
+DEFAULT_RANKING = "evidence"  # chosen by the stitched test over the three (README: Prototypes; bench/faithfulness.py)
+WindowLogits = Callable[[np.ndarray], np.ndarray]  # window means (rows, C) -> the head's logits (rows, K)
 BLOCK_IMAGES = 1024  # images per streamed block (whole classes): rows = images x windows
 CLASS_GROUP_CELLS = 1 << 23  # rows x directions of one product (P and its scores: ~32 MB float32 each)
 
@@ -120,12 +127,17 @@ class _RunningTop:
 
 
 def mine_classes(pool, bases: dict[int, np.ndarray], m: int, rankings: tuple[str, ...] = RANKINGS,
-                 block_images: int = BLOCK_IMAGES) -> dict[int, dict[tuple[str, bool], list[list[Crop]]]]:
+                 block_images: int = BLOCK_IMAGES, window_logits: WindowLogits | None = None
+                 ) -> dict[int, dict[tuple[str, bool], list[list[Crop]]]]:
     """Top ``m`` crops per concept of each class's basis (``bases``: class -> (k, C)) over ``pool``
     (streamed once for all the classes), for each ranking and both variants:
     class -> ``(ranking, exclude_class)`` -> [concept][rank] :class:`Crop`; with ``exclude_class``
-    no crop comes from an image the model predicts as the class."""
+    no crop comes from an image the model predicts as the class. ``window_logits``: the head on
+    window means, for the ``evidence`` ranking (dropped from ``rankings`` without it)."""
     from ..service.nnls import NNLSProjector
+
+    if window_logits is None:
+        rankings = tuple(r for r in rankings if r != "evidence")
 
     classes = sorted(bases)
     ks = [int(bases[c].shape[0]) for c in classes]
@@ -149,17 +161,23 @@ def mine_classes(pool, bases: dict[int, np.ndarray], m: int, rankings: tuple[str
         vnorm = np.linalg.norm(v, axis=1, keepdims=True) + np.float32(1e-12)
         pred_rows = np.repeat(predicted[block.first:block.first + n], g)
         per_group = max(1, CLASS_GROUP_CELLS // max(1, n * g * max(ks, default=1)))
+        lse = logits = None  # the head's logits on the block's windows (rows, K) and their log-sum-exp
         for gi in range(0, len(classes), per_group):
             lo, hi = offsets[gi], offsets[min(gi + per_group, len(classes))]
             cols = slice(lo, hi)
             proj = v @ units[lo:hi].T  # (rows, J_g): v . u_j
             scores = {"cosine": proj / vnorm}
-            if "code" in rankings:
+            if "code" in rankings or "evidence" in rankings:
                 code = np.empty_like(proj)
                 for ci in range(gi, min(gi + per_group, len(classes))):
                     a, b = offsets[ci] - lo, offsets[ci + 1] - lo
                     code[:, a:b] = projectors[classes[ci]].project_from_correlations(proj[:, a:b] * norms[lo + a:lo + b])
                 scores["code"] = code
+            if "evidence" in rankings:
+                if logits is None:
+                    logits = np.asarray(window_logits(v), np.float32)
+                    lse = log_sum_exp(logits)
+                scores["evidence"] = code * np.exp(logits[:, col_class[lo:hi]] - lse)
             own = pred_rows[:, None] == col_class[None, lo:hi]  # rows of images predicted as the column's class
             for (ranking, exclude), top in tops.items():
                 s = np.where(own, -np.inf, scores[ranking]).astype(np.float32) if exclude else scores[ranking]
@@ -170,6 +188,30 @@ def mine_classes(pool, bases: dict[int, np.ndarray], m: int, rankings: tuple[str
         out[cls] = {key: [top.crops(j, m, images) for j in cols] for key, top in tops.items()} if tops else \
             {(r, ex): [[] for _ in cols] for r in rankings for ex in (False, True)}  # an empty pool
     return out
+
+
+def log_sum_exp(logits: np.ndarray) -> np.ndarray:
+    """log sum_k exp(z_k) of each row of logits (rows, K), as (rows, 1), stably: softmax(z)_y is
+    then exp(z_y - lse) for any column y without forming the whole softmax."""
+    top = logits.max(axis=1, keepdims=True)
+    return top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+
+
+def head_on_windows(head_weight: np.ndarray | None, head_bias: np.ndarray | None, head_fn=None,
+                    grid: tuple[int, int] = (1, 1), chunk: int = 256) -> WindowLogits:
+    """The head on window means (rows, C) -> logits (rows, K): W v + b for a linear head; for
+    another head (a function of feature maps (N, C, H, W)), each window mean spread over a whole
+    ``grid`` map (the map whose every cell is the window), in chunks of ``chunk`` rows."""
+    if head_weight is not None:
+        w, b = np.asarray(head_weight, np.float32), np.asarray(head_bias, np.float32)
+        return lambda v: v @ w.T + b
+    h, wd = grid
+
+    def logits(v: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.asarray(head_fn(np.ascontiguousarray(np.broadcast_to(
+            v[s:s + chunk, :, None, None], (len(v[s:s + chunk]), v.shape[1], h, wd)))), np.float32)
+            for s in range(0, len(v), chunk)])
+    return logits
 
 
 def crop_jpeg(view_jpeg: bytes, box, quality: int = 90) -> bytes:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.optimize import nnls
+from scipy.special import softmax
 
 from conceptlens.precompute.checks import stitch_picks
 from conceptlens.precompute.features import Record
-from conceptlens.precompute.prototypes import RecordPool, mine_classes
+from conceptlens.precompute.prototypes import RecordPool, head_on_windows, mine_classes
 from conceptlens.precompute.windows import window_means
 
 
-def brute_force(records, basis, cls, m, ranking, exclude, cells):
+def brute_force(records, basis, cls, m, ranking, exclude, cells, head=None):
     scores = []
     for r in records:
         if exclude and r.predicted == cls:
@@ -21,6 +22,8 @@ def brute_force(records, basis, cls, m, ranking, exclude, cells):
         for w, v in enumerate(window_means(r.features[None], cells)[0].astype(np.float64)):
             if ranking == "code":
                 s = nnls(basis.T.astype(np.float64), v)[0]
+            elif ranking == "evidence":  # the code times the head's softmax probability of the class
+                s = nnls(basis.T.astype(np.float64), v)[0] * softmax(head[0] @ v + head[1])[cls]
             else:
                 s = basis @ v / (np.linalg.norm(basis, axis=1) * np.linalg.norm(v) + 1e-12)
             scores.append((s, r.key, w))
@@ -47,12 +50,13 @@ def test_mined_crops_are_the_brute_force_top(block):
         feats = np.abs(rng.standard_normal((16, 6, 6))).astype(np.float32) * rng.uniform(0.2, 2.0)
         records.append(Record(f"img-{i:03d}", feats, int(i % 3), None, b""))
     bases = {c: np.abs(rng.standard_normal((2 + c, 16))).astype(np.float32) for c in classes}
+    head = (rng.standard_normal((3, 16)).astype(np.float32), rng.standard_normal(3).astype(np.float32))
     pool = RecordPool(records, cells=2, block=block)
-    mined = mine_classes(pool, bases, m=4)
+    mined = mine_classes(pool, bases, m=4, window_logits=head_on_windows(*head))
     for c in classes:
-        for ranking in ("code", "cosine"):
+        for ranking in ("evidence", "code", "cosine"):
             for exclude in (False, True):
-                want = brute_force(records, bases[c], c, 4, ranking, exclude, cells=2)
+                want = brute_force(records, bases[c], c, 4, ranking, exclude, cells=2, head=head)
                 got = mined[c][(ranking, exclude)]
                 assert len(got) == len(bases[c])
                 for j, (g, w) in enumerate(zip(got, want)):
@@ -60,6 +64,22 @@ def test_mined_crops_are_the_brute_force_top(block):
                     np.testing.assert_allclose([x.score for x in g], [s for _, _, s in w], rtol=2e-3, atol=1e-4)
                     if exclude:
                         assert all(x.ref.predicted != c for x in g)
+
+
+def test_evidence_ranking_needs_the_head_and_a_non_linear_head_reads_windows_as_whole_maps():
+    rng = np.random.default_rng(5)
+    records = [Record(f"img-{i}", np.abs(rng.standard_normal((8, 4, 4))).astype(np.float32), i % 2, None, b"")
+               for i in range(6)]
+    mined = mine_classes(RecordPool(records), {0: np.abs(rng.standard_normal((2, 8))).astype(np.float32)}, m=2)[0]
+    assert {r for r, _ in mined} == {"code", "cosine"}  # no head: no evidence ranking
+    w, b = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    v = np.abs(rng.standard_normal((300, 8))).astype(np.float32)
+    pooled = head_on_windows(None, None, lambda f: f.mean(axis=(2, 3)) @ w.T + b, (4, 4), chunk=64)
+    flat = head_on_windows(None, None, lambda f: f.reshape(len(f), -1) @ np.repeat(w, 16, axis=1).T / 16 + b, (4, 4))
+    want = np.stack([w @ x + b for x in v])  # row by row
+    np.testing.assert_allclose(pooled(v), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(flat(v), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(head_on_windows(w, b)(v), want, rtol=1e-4, atol=1e-4)
 
 
 def test_stitch_picks_fill_every_place():
