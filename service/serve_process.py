@@ -13,11 +13,26 @@ from pathlib import Path
 from typing import IO
 
 
+_HANDED_OUT: set[int] = set()  # ports this process has handed out: never handed out twice
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that is free on ``host`` right now and that this process has not handed out
+    before (the OS may give a just-closed port again: two servers started side by side would then
+    race for it, and the loser exits with "Address already in use")."""
+    held = []
+    try:
+        while True:
+            s = socket.socket()
+            held.append(s)  # kept bound until a new port is found, so the OS cannot repeat it
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    finally:
+        for s in held:
+            s.close()
 
 
 class ServeProcess:
@@ -57,15 +72,33 @@ class ServeProcess:
         return f"http://{self.host}:{self.http_port}" if self.http_port else None
 
     def wait_ready(self, timeout: float = 300) -> None:
-        """Block until health says SERVING; stops the process and raises if it never does."""
+        """Block until health says SERVING; stops the process and raises if it never does, at once
+        (RuntimeError with the end of its log) if it exits first."""
         from .client import ExplainClient
 
+        deadline = time.monotonic() + timeout
         try:
             with ExplainClient(self.target) as client:
-                client.wait_ready(timeout)
+                while True:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(f"conceptlens serve exited with status {self.proc.returncode} before "
+                                           f"serving{self._log_head()}")
+                    try:
+                        client.wait_ready(max(0.1, min(2.0, deadline - time.monotonic())))
+                        return
+                    except TimeoutError:
+                        if time.monotonic() >= deadline:
+                            raise
         except BaseException:
             self.stop()
             raise
+
+    def _log_head(self, lines: int = 3) -> str:
+        """The first lines of its log (where ``conceptlens serve`` writes why it exits), or ""."""
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        head = self.log_path.read_text(errors="replace").splitlines()[:lines]
+        return ": " + " | ".join(head) if head else ""
 
     def metrics(self) -> str:
         """The Prometheus text of its /metrics."""
