@@ -166,21 +166,20 @@ def stitched_test(mined: dict, importance_order: list[int], crop_bytes: Callable
     in it is tested (``by_ranking``), ``ranking``'s result is the unsuffixed keys.
     ``crop_bytes(crop) -> JPEG bytes``."""
     concepts = list(importance_order)[:n]
+    tested = [(rank_name, exclude, picks) for (rank_name, exclude), per_concept in mined.items()
+              if (picks := stitch_picks(per_concept, concepts, n))]
     by_ranking: dict[str, dict] = {}
-    for (rank_name, exclude), per_concept in mined.items():
-        label = "_excluding_class" if exclude else ""
-        picks = stitch_picks(per_concept, concepts, n)
-        if not picks:
-            continue
-        x = normalize(stitch([crop_bytes(p) for p in picks], size))[None]
+    if tested:  # every stitched image in one forward
+        x = np.stack([normalize(stitch([crop_bytes(p) for p in picks], size)) for _, _, picks in tested])
         _, logits = forward(np.ascontiguousarray(x))
-        probs = softmax(logits[0])
-        pred = int(logits[0].argmax())
-        r = by_ranking.setdefault(rank_name, {"concepts": [int(j) for j in concepts]})
-        r[f"pass{label}"] = pred == cid
-        r[f"predicted{label}"] = pred
-        r[f"predicted_name{label}"] = class_names[pred]
-        r[f"probability{label}"] = float(probs[cid])
+        for (rank_name, exclude, _), z in zip(tested, logits):
+            label = "_excluding_class" if exclude else ""
+            pred = int(z.argmax())
+            r = by_ranking.setdefault(rank_name, {"concepts": [int(j) for j in concepts]})
+            r[f"pass{label}"] = pred == cid
+            r[f"predicted{label}"] = pred
+            r[f"predicted_name{label}"] = class_names[pred]
+            r[f"probability{label}"] = float(softmax(z)[cid])
     out = dict(by_ranking.get(ranking, {}))
     out.update({"ranking": ranking, "n": n, "by_ranking": by_ranking})
     return out

@@ -189,8 +189,9 @@ class ClassPipeline:
         class from its mined crops (:func:`.prototypes.mine_classes`, one streamed pass for a shard's
         classes); ``order``: concept indices by importance; ``grid``: the feature map's (H, W);
         ``basis`` (k, C): the concepts, whose code maps fit each crop to its concept's extent
-        (:func:`.prototypes.fit_boxes`). Every ranking is tested with window and fitted crops; the
-        served prototypes are ``--prototype-ranking``'s with ``--prototype-box``'s crops."""
+        (:func:`.prototypes.fit_boxes`). Every ranking is stitch-tested with fitted crops, and the
+        paper's (``cosine`` with window crops); the served prototypes are ``--prototype-ranking``'s
+        with ``--prototype-box``'s crops, and are always among those tested."""
         from ..service.preprocess import normalize
         from .checks import stitched_test
         from .prototypes import FITTED, fit_boxes
@@ -208,7 +209,10 @@ class ClassPipeline:
         def crop_bytes(crop) -> bytes:
             return crop_jpeg(pool.view_jpeg(crop.ref), box_of(crop))
 
-        stitched = stitched_test(mined, order, crop_bytes, cls, self.access.forward(),
+        # tested: every ranking with fitted crops, the paper's (cosine, its window) and the served one
+        tests = {key: crops for key, crops in mined.items()
+                 if key[0].endswith(f"/{FITTED}") or key[0] in ("cosine", ranking)}
+        stitched = stitched_test(tests, order, crop_bytes, cls, self.access.forward(),
                                  lambda im: normalize(im, pre), pre.crop, self.model.class_names, ranking)
         protos, tensors = [], {}
         for j, crops in enumerate(mined[(ranking, bool(cfg.prototypes_exclude_class))]):
