@@ -5,7 +5,7 @@ The pool is the crop grid of every kept image (:mod:`.windows`: 2x2-cell windows
 7x7 map), read in blocks of whole classes (:meth:`.feature_store.FeatureStore.window_blocks`), never
 held whole. Each block's window means V (rows, C) meet all the shard's concept directions in one
 product P = V U^T (U: unit directions, as many classes at a time as ``CLASS_GROUP_CELLS``
-allows); both rankings of a crop for concept j come from it:
+allows); the rankings of a crop for concept j come from it:
 
 - ``cosine``: cosine similarity of the window's mean activation to the concept direction (Herdt &
   Otero Baguer's ranking, made for ImageNet models on ImageNet data). It ignores how much of the

@@ -73,7 +73,7 @@ class ServeProcess:
 
     def wait_ready(self, timeout: float = 300) -> None:
         """Block until health says SERVING; stops the process and raises if it never does, at once
-        (RuntimeError with the end of its log) if it exits first."""
+        (RuntimeError with the first lines of its log) if it exits first."""
         from .client import ExplainClient
 
         deadline = time.monotonic() + timeout
