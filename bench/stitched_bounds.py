@@ -20,7 +20,7 @@ windows of 2 x 2 feature cells with a 15 % margin):
 An oracle's rate bounds what prototypes chosen from this pool in this layout can pass; a class no
 crop of another image is called can pass the excluding variant only through a combination.
 
-    python bench/stitched_bounds.py [--dataset imagenet] [--every 10] [--candidates 24]
+    python bench/stitched_bounds.py [--every 10] [--draws 10] [--candidates 24] [--seed 0]
 """
 from __future__ import annotations
 
@@ -38,12 +38,6 @@ from common import lite0_onnx  # noqa: E402
 from faithfulness import imagenet_folder  # noqa: E402
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def jpeg(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
@@ -54,6 +48,7 @@ def main(argv=None) -> int:
     from conceptlens.precompute.checks import stitch
     from conceptlens.precompute.models import load_model
     from conceptlens.precompute.windows import window_boxes
+    from conceptlens.service.explain import softmax
     from conceptlens.service.preprocess import normalize, resize_crop
     from conceptlens.service.runtime import OnnxRuntime, run_any_batch
 
