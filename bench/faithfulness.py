@@ -106,18 +106,30 @@ def dataset_config(name: str, work: Path) -> dict:
     raise SystemExit(f"unknown data set {name!r}")
 
 
+def bundle_tag(dataset: str, method: str, ranking: str, cells: int = 2, concepts: str = "auto",
+               face_lambda: str = "auto", logit_weight: float | None = None) -> str:
+    """The cache name of a run's bundle and work directory (the settings that differ from the defaults)."""
+    from conceptlens.precompute.job import PrecomputeConfig
+
+    default_alpha = PrecomputeConfig.__dataclass_fields__["logit_weight"].default
+    return (f"{dataset}-{method}-{ranking}" + (f"-cells{cells}" if cells != 2 else "")
+            + (f"-k{concepts}" if concepts != "auto" else "")
+            + (f"-lambda{face_lambda}" if method == "face" and face_lambda != "auto" else "")
+            + (f"-alpha{logit_weight:g}" if logit_weight is not None and logit_weight != default_alpha else ""))
+
+
 def run_method(dataset: str, method: str, base: dict, work: Path, ranking: str, cells: int = 2,
-               concepts: str = "auto", face_lambda: str = "auto") -> tuple[dict, float]:
+               concepts: str = "auto", face_lambda: str = "auto", logit_weight: float | None = None
+               ) -> tuple[dict, float]:
     from conceptlens.precompute.job import PrecomputeConfig, run
 
-    tag = (f"{dataset}-{method}-{ranking}" + (f"-cells{cells}" if cells != 2 else "")
-           + (f"-k{concepts}" if concepts != "auto" else "")
-           + (f"-lambda{face_lambda}" if method == "face" and face_lambda != "auto" else ""))
+    tag = bundle_tag(dataset, method, ranking, cells, concepts, face_lambda, logit_weight)
     out = work / "bundles" / tag
     params = {"face_lambda": face_lambda if face_lambda == "auto" else float(face_lambda)} if method == "face" else {}
     cfg = PrecomputeConfig(**base, out=str(out), work=str(work / "work" / tag), method=method, method_params=params,
                            device="cpu", prototype_ranking=ranking, prototype_cells=cells, examples=0,
-                           concepts=concepts if concepts == "auto" else int(concepts))
+                           concepts=concepts if concepts == "auto" else int(concepts),
+                           **({} if logit_weight is None else {"logit_weight": logit_weight}))
     t = time.perf_counter()
     if not (out / "manifest.json").is_file():
         run(cfg)
@@ -201,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prototype-cells", type=int, default=2, help="crop windows of this many feature cells a side")
     ap.add_argument("--concepts", default="auto", help="k per class, or auto (the default's selection)")
     ap.add_argument("--face-lambda", default="auto", help="FACE's lambda, or auto")
+    ap.add_argument("--logit-weight", type=float, default=None,
+                    help="the served projection's alpha (precompute's --logit-weight; default: its default)")
     ap.add_argument("--work", default=str(CACHE / "faithfulness"))
     ap.add_argument("--plot", default="faithfulness.png")
     ap.add_argument("--json", default=None, help="write the summaries here")
@@ -213,7 +227,7 @@ def main(argv=None) -> int:
         results[dataset] = {}
         for method in [m for m in args.methods.split(",") if m]:
             manifest, secs = run_method(dataset, method, base, work, args.ranking, args.prototype_cells,
-                                         args.concepts, args.face_lambda)
+                                         args.concepts, args.face_lambda, args.logit_weight)
             s = summarize(manifest)
             s["seconds"] = secs
             results[dataset][method] = s

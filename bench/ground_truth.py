@@ -147,7 +147,7 @@ def trace(model, path: Path, size: int) -> None:
 
 # --- precompute through the command line -------------------------------------------------------------
 def precompute(work: Path, model_path: Path, labels: Path, data: Path, method: str, k: int | None,
-               max_images: int, min_images: int, tag: str) -> tuple[Path, float]:
+               max_images: int, min_images: int, tag: str, logit_weight: float | None = None) -> tuple[Path, float]:
     out = work / "bundles" / tag
     cmd = [sys.executable, "-m", "conceptlens", "precompute", "--model", f"torchscript:{model_path}",
            "--labels", str(labels), "--data", str(data), "--group-by", "label", "--out", str(out),
@@ -159,6 +159,8 @@ def precompute(work: Path, model_path: Path, labels: Path, data: Path, method: s
            "--stability-folds", "0", "--contrast-samples", "0", "--examples", "0", "--prototypes", "1"]
     if k is not None:
         cmd += ["--concepts", str(k)]
+    if logit_weight is not None:
+        cmd += ["--logit-weight", str(logit_weight)]
     t = time.perf_counter()
     if not (out / "manifest.json").is_file():
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -270,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--used-drop", type=float, default=USED_DROP)
     ap.add_argument("--recovery-share", type=float, default=RECOVERY_SHARE)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--logit-weight", type=float, default=None,
+                    help="precompute's --logit-weight (the served projection's alpha; default: its default)")
     ap.add_argument("--part-scale", type=float, default=1.0, help="every planted part's size times this")
     args = ap.parse_args(argv)
     q = args.quick
@@ -351,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         results[label] = {}
         for method in methods:
             n = n_fit_face if method == "face" else n_fit
-            tag = f"{method}-{'auto' if k is None else k}-{n}-{key}"
+            tag = f"{method}-{'auto' if k is None else k}-{n}-{key}" + (
+                "" if args.logit_weight is None else f"-alpha{args.logit_weight:g}")
             bundle_dir, secs = precompute(work, model_path, labels, data[n], method, k, max_images=n,
-                                          min_images=min(20, n), tag=tag)
+                                          min_images=min(20, n), tag=tag, logit_weight=args.logit_weight)
             from conceptlens.service.bundle import load_bundle
 
             bundle = load_bundle(bundle_dir)

@@ -32,6 +32,14 @@ from .prototypes import DEFAULT_RANKING, crop_jpeg
 log = logging.getLogger(__name__)
 
 
+def split_indices(n: int, cls: int, seed: int, held_out: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices into a class's ``n`` records (in key order): a permutation seeded by
+    ``seed + cls``, its first round(n * held_out) held out (none below 5 images)."""
+    order = np.random.default_rng(seed + cls).permutation(n)
+    n_held = int(round(n * held_out)) if n >= 5 else 0
+    return order[n_held:], order[:n_held]
+
+
 @dataclass
 class ClassData:
     """A class's images: features (N, C, H, W) float32 and the seeded train / held-out split."""
@@ -93,14 +101,19 @@ class ClassPipeline:
         self.method, self.signed, self.params = settings.method, settings.signed, settings.params
         self.records, self.pool, self.prototype_ranking = records, pool, prototype_ranking
         self.hw, self.hb, self.hfn = access.head()
+        # the served projection's alpha (service/nnls.py): logit-aware along a linear head's rows only
+        self.logit_weight = float(self.cfg.logit_weight) if self.hw is not None else 0.0
+
+    def logit_row(self, cls: int) -> np.ndarray | None:
+        """The head's row of ``cls`` (C,) for the logit-aware projection, None where it is plain NNLS."""
+        return self.hw[cls] if self.logit_weight > 0 else None
 
     # --- steps ---
     def split(self, cls: int) -> ClassData:
         recs = self.records[cls]
-        order = np.random.default_rng(self.cfg.seed + cls).permutation(len(recs))
-        n_held = int(round(len(recs) * self.cfg.held_out)) if len(recs) >= 5 else 0
+        train, held = split_indices(len(recs), cls, self.cfg.seed, self.cfg.held_out)
         feats = np.stack([r.features for r in recs]).astype(np.float32)
-        return ClassData(cls, recs, feats, train=order[n_held:], held=order[:n_held])
+        return ClassData(cls, recs, feats, train=train, held=held)
 
     def fit_learner(self, cls: int, feats: np.ndarray, k: int, params: dict | None = None,
                     method: str | None = None, init: np.ndarray | None = None):
@@ -156,7 +169,8 @@ class ClassPipeline:
         weights = self.model.head.concept_weights(basis, data.cls, anchor=anchor)
         explainer = single_class_explainer(self.model.class_names, data.cls, basis, weights, self.hw, self.hb,
                                            self.hfn, self.method, anchor,
-                                           {f"{name}/{data.cls}": t for name, t in (served or {}).items()})
+                                           {f"{name}/{data.cls}": t for name, t in (served or {}).items()},
+                                           logit_weight=self.logit_weight)
         return ClassFit(basis, weights, anchor, explainer, self.method, selection=selection or {},
                         served=dict(served or {}), params=self.params.with_chosen(params or {}))
 
@@ -200,7 +214,8 @@ class ClassPipeline:
         cfg, pool, pre = self.cfg, self.pool, self.model.preprocessing
         ranking = self.prototype_ranking + (f"/{FITTED}" if cfg.prototype_box == FITTED else "")
         boxes = window_boxes(grid[0], grid[1], cfg.prototype_cells, pre.crop)
-        mined = fit_boxes(mined, basis, pool, grid, cfg.prototype_cells, pre.crop)
+        mined = fit_boxes(mined, basis, pool, grid, cfg.prototype_cells, pre.crop, self.logit_row(cls),
+                          self.logit_weight)
 
         def box_of(crop) -> list[int]:
             return [int(v) for v in (crop.box if crop.box is not None else boxes[crop.window])]

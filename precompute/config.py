@@ -17,7 +17,7 @@ _HASHED = ("model", "weights", "layer", "labels", "preprocessing", "data", "grou
            "min_images", "max_images", "held_out", "prototypes", "prototype_cells", "prototypes_exclude_class", "prototype_ranking",
            "prototype_box",
            "classes", "seed", "nmf_max_iter", "nmf_tol", "method_params", "stability_folds", "contrast_samples",
-           "examples", "importance", "attribution")
+           "examples", "importance", "attribution", "logit_weight")
 AUTO_METHOD = "auto"  # nmf on a non-negative layer, seminmf on a signed one
 NEEDS_NON_NEGATIVE = ("nmf", "face", "attribution", "directions")  # their directions are >= 0
 
@@ -50,6 +50,8 @@ class PrecomputeConfig:
     prototypes_exclude_class: bool = False
     prototype_ranking: str = "evidence"  # evidence | code | cosine (precompute/prototypes.py)
     prototype_box: str = "fitted"  # window | fitted: a crop cut to its concept's extent (prototypes.fit_boxes)
+    # the served projection's weight on each pixel's class logit (service/nnls.py; a linear head only)
+    logit_weight: float = 30.0
     classes: list[str] | None = None
     seed: int = 0
     nmf_max_iter: int = 200

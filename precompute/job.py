@@ -268,7 +268,9 @@ class Job:
         bases = {c: PartFile(self.staged_path(c)).read("basis") for c in classes}
         weight, bias, head_fn = self.access.head()
         mined = mine_classes(pool, bases, max(1, self.cfg.prototypes),
-                             window_logits=head_on_windows(weight, bias, head_fn, tuple(self.model.feature_shape[1:])))
+                             window_logits=head_on_windows(weight, bias, head_fn, tuple(self.model.feature_shape[1:])),
+                             logit_rows={c: pipeline.logit_row(c) for c in classes if pipeline.logit_weight > 0},
+                             logit_weight=pipeline.logit_weight)
         log.info("prototypes: %d classes' concepts mined over %d pool images in one pass, %.1f s; peak RSS %.0f MiB",
                  len(classes), len(pool.images), time.perf_counter() - t0, peak_rss_mib())
         progress = Progress("finish classes", total=len(classes), every=0)
@@ -429,7 +431,8 @@ def merge_bundle(work_dirs: list[Path], out: Path, job: Job | None = None) -> Pa
             head_bias=model.head_bias, classes=classes, tensors=tensors, prototypes=prototypes, prototype_jpegs={},
             method=MethodCard(name="+".join(methods), params={"concepts": cfg.concepts, **cfg.method_params,
                                                               "requested": cfg.method},
-                              group_by=cfg.group_by, max_images=cfg.max_images, held_out=cfg.held_out, seed=cfg.seed),
+                              group_by=cfg.group_by, max_images=cfg.max_images, held_out=cfg.held_out, seed=cfg.seed,
+                              logit_weight=float(cfg.logit_weight) if model.linear_head else 0.0),
             data={"path": str(cfg.data)}, config_hash=configs[0]["config_hash"])
     log.info("merge: bundle written to %s; peak RSS %.0f MiB", out, peak_rss_mib())
     return out

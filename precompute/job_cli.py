@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", type=float, default=0.2, help="share of each class's images kept for evaluation")
     p.add_argument("--prototypes", type=int, default=5, help="prototype crops per concept")
     p.add_argument("--prototype-cells", type=int, default=2, help="crop window in feature-map cells")
+    p.add_argument("--logit-weight", type=float, default=30.0,
+                   help="how much more the served NNLS projection weighs the error along the head's row of the "
+                        "explained class (alpha, service/nnls.py): the codes then keep each pixel's logit; 0 is "
+                        "plain NNLS; a GAP + linear head only (0 is used for any other)")
     p.add_argument("--prototype-ranking", choices=("evidence", "code", "cosine"), default="evidence",
                    help="how a concept's crops are ranked: evidence (the default: its served NNLS code in the crop "
                         "times the head's probability of the class on the crop's activation; passes the stitched "
@@ -116,7 +120,7 @@ def config_from_args(args: argparse.Namespace):
         prototype_box=args.prototype_box, seed=args.seed, nmf_max_iter=args.nmf_max_iter,
         nmf_tol=args.nmf_tol, stability_folds=args.stability_folds, contrast_samples=args.contrast_samples,
         examples=args.examples, method_params={"face_lambda": args.face_lambda} if args.method == "face" else {},
-        importance=args.importance, attribution=args.attribution,
+        importance=args.importance, attribution=args.attribution, logit_weight=args.logit_weight,
         batch_size=args.batch_size, extract_memory_mib=args.extract_memory_mib, device=args.device, shard=parse_shard(args.shard))
 
 

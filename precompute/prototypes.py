@@ -127,13 +127,16 @@ class _RunningTop:
 
 
 def mine_classes(pool, bases: dict[int, np.ndarray], m: int, rankings: tuple[str, ...] = RANKINGS,
-                 block_images: int = BLOCK_IMAGES, window_logits: WindowLogits | None = None
+                 block_images: int = BLOCK_IMAGES, window_logits: WindowLogits | None = None,
+                 logit_rows: dict[int, np.ndarray] | None = None, logit_weight: float = 0.0
                  ) -> dict[int, dict[tuple[str, bool], list[list[Crop]]]]:
     """Top ``m`` crops per concept of each class's basis (``bases``: class -> (k, C)) over ``pool``
     (streamed once for all the classes), for each ranking and both variants:
     class -> ``(ranking, exclude_class)`` -> [concept][rank] :class:`Crop`; with ``exclude_class``
     no crop comes from an image the model predicts as the class. ``window_logits``: the head on
-    window means, for the ``evidence`` ranking (dropped from ``rankings`` without it)."""
+    window means, for the ``evidence`` ranking (dropped from ``rankings`` without it). ``logit_rows``
+    (class -> the head's row (C,)) and ``logit_weight``: the served projection's codes are logit-aware
+    (service/nnls.py), and so are the ``code`` and ``evidence`` scores."""
     from ..service.nnls import NNLSProjector
 
     if window_logits is None:
@@ -147,7 +150,7 @@ def mine_classes(pool, bases: dict[int, np.ndarray], m: int, rankings: tuple[str
         np.zeros((0, 1), np.float32)
     norms = np.linalg.norm(basis_all, axis=1).astype(np.float32) + np.float32(1e-12)
     units = basis_all / norms[:, None]
-    projectors = {c: NNLSProjector.from_basis(bases[c]) for c in classes}
+    projectors = {c: NNLSProjector.from_basis(bases[c], (logit_rows or {}).get(c), logit_weight) for c in classes}
     images = pool.images
     key_rank = np.empty(len(images), np.int64)
     key_rank[sorted(range(len(images)), key=lambda i: images[i].key)] = np.arange(len(images))
@@ -171,7 +174,8 @@ def mine_classes(pool, bases: dict[int, np.ndarray], m: int, rankings: tuple[str
                 code = np.empty_like(proj)
                 for ci in range(gi, min(gi + per_group, len(classes))):
                     a, b = offsets[ci] - lo, offsets[ci + 1] - lo
-                    code[:, a:b] = projectors[classes[ci]].project_from_correlations(proj[:, a:b] * norms[lo + a:lo + b])
+                    pr = projectors[classes[ci]]
+                    code[:, a:b] = pr.project_from_correlations(pr.correlations(v, plain=proj[:, a:b] * norms[lo + a:lo + b]))
                 scores["code"] = code
             if "evidence" in rankings:
                 if logits is None:
@@ -226,19 +230,20 @@ FITTED = "fitted"  # the suffix of a ranking whose crops are fitted to the conce
 BOXES = (FITTED, "window")  # --prototype-box
 
 
-def fit_boxes(mined: dict, basis: np.ndarray, pool, grid: tuple[int, int], cells: int, view_size: int
-              ) -> dict:
+def fit_boxes(mined: dict, basis: np.ndarray, pool, grid: tuple[int, int], cells: int, view_size: int,
+              logit_row: np.ndarray | None = None, logit_weight: float = 0.0) -> dict:
     """``mined`` ((ranking, exclude) -> [concept][rank] crops) with, for each key, a second entry
     ``(f"{ranking}/fitted", exclude)``: the same crops, each cut to its concept's extent in its source
-    image (:func:`.windows.fitted_cells` on the concept's NNLS code map over the image's feature
-    cells, ``basis`` (k, C) the class's concepts) instead of the fixed window."""
+    image (:func:`.windows.fitted_cells` on the concept's served code map over the image's feature
+    cells, ``basis`` (k, C) the class's concepts, ``logit_row`` and ``logit_weight`` its served
+    projection's, service/nnls.py) instead of the fixed window."""
     import dataclasses
 
     from ..service.nnls import NNLSProjector
     from .windows import cells_box, fitted_cells
 
     h, w = grid
-    proj = NNLSProjector.from_basis(np.asarray(basis, np.float32))
+    proj = NNLSProjector.from_basis(np.asarray(basis, np.float32), logit_row, logit_weight)
     code_maps: dict = {}
 
     def maps_of(ref) -> np.ndarray:  # (k, H, W): every concept's code map of one source image

@@ -130,8 +130,10 @@ def _score(pipe: ClassPipeline, cls: int, basis: np.ndarray, feats: np.ndarray, 
 
     anchor = None if pipe.hw is not None else feats.mean(axis=0)  # see service.head
     weights = pipe.model.head.concept_weights(basis, cls, anchor=anchor)
+    # scored through the plain NNLS codes (logit weight 0), not the logit-aware ones served: those keep the
+    # class's logit whatever the basis, so fidelity would no longer tell one k (or lambda) from another
     ex = single_class_explainer(pipe.model.class_names, cls, basis, weights, pipe.hw, pipe.hb, pipe.hfn, method,
-                                anchor)
+                                anchor, logit_weight=0.0)
     codes = served_codes(ex, cls, feats)
     m = evaluate_class(ex, cls, feats, pipe.hw, pipe.hb, pipe.hfn, codes, identity=False)
     curves = concept_curves(ex, cls, feats, pipe.hw, pipe.hb, pipe.hfn, codes, importance="sobol")

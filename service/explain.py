@@ -102,10 +102,14 @@ def top_predictions(logits: np.ndarray, class_names: list[str], k: int) -> list[
 
 def class_projector(bundle: Bundle, cc: ClassConcepts) -> Projector:
     """The served projection of a class: linear through its decoding directions when it has them
-    (``cc.decoding``, or the bundle tensor ``decoding/<class>``), else NNLS on its basis."""
+    (``cc.decoding``, or the bundle tensor ``decoding/<class>``), else NNLS on its basis, logit-aware
+    along the head's row of the class when the bundle says so (``method.logit_weight``, a linear head)."""
     decoding = cc.decoding if cc.decoding is not None else bundle.tensors.get(f"decoding/{cc.class_id}")
     if decoding is not None:
         return LinearProjector.from_pair(cc.basis, decoding)
+    alpha = bundle.manifest.method.logit_weight if bundle.head_kind == "linear" else 0.0
+    if alpha > 0:
+        return NNLSProjector.from_basis(cc.basis, bundle.head_weight[cc.class_id], alpha)
     return NNLSProjector.from_basis(cc.basis)
 
 

@@ -133,12 +133,15 @@ class MethodCard:
     max_images: int = 0
     held_out: float = 0.0
     seed: int = 0
+    # alpha of the logit-aware NNLS projection (service/nnls.py) of a linear head's bundle; 0: plain NNLS
+    logit_weight: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodCard":
         return cls(name=str(_need(d, "name", "method")), params=dict(d.get("params") or {}),
                    group_by=str(d.get("group_by", "predicted")), max_images=int(d.get("max_images", 0)),
-                   held_out=float(d.get("held_out", 0.0)), seed=int(d.get("seed", 0)))
+                   held_out=float(d.get("held_out", 0.0)), seed=int(d.get("seed", 0)),
+                   logit_weight=float(d.get("logit_weight", 0.0)))
 
 
 @dataclass

@@ -17,6 +17,7 @@ remains), so it is never the only check here. numpy and ONNX Runtime on the CPU;
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,69 @@ def test_ill_conditioned_bank_reaches_the_optimal_objective():
     codes = NNLSProjector.from_basis(basis).project(v)
     assert_optimal(basis, v, codes, rel=1e-3)
     assert_kkt(basis, v, codes, tol=1e-2)  # the stop rule leaves it less converged than a well-posed bank
+
+
+def weighted_nnls_oracle(basis: np.ndarray, v: np.ndarray, u: np.ndarray, alpha: float) -> np.ndarray:
+    """scipy's NNLS of the logit-aware problem, pixel by pixel: argmin_{s >= 0} ||v_i - s P||^2 +
+    alpha ||(v_i - s P) . u||^2 / ||u||^2, written as one least squares on C + 1 rows; (n, k) float64."""
+    p, u = np.asarray(basis, np.float64), np.asarray(u, np.float64)
+    root = np.sqrt(alpha / (u @ u))
+    a = np.vstack([p.T, root * (p @ u)[None, :]])  # (C + 1, k)
+    return np.array([nnls(a, np.append(row, root * (row @ u)))[0] for row in np.asarray(v, np.float64)])
+
+
+@pytest.mark.parametrize("alpha", [1.0, 100.0])
+def test_logit_aware_projection_is_scipys_nnls_of_the_weighted_problem(alpha):
+    basis = class_bases()[0]
+    v = pixels64(relu_features(5)).astype(np.float32)
+    u = np.random.default_rng(6).standard_normal(C).astype(np.float32)
+    proj = NNLSProjector.from_basis(basis, u, alpha)
+    codes = proj.project(v, max_iter=2000, tol=1e-7)
+    want = weighted_nnls_oracle(basis, v, u, alpha)
+    np.testing.assert_allclose(codes, want, atol=2e-3 * float(want.max()), rtol=0)
+    assert np.abs(want - nnls_oracle(basis, v)).max() > 0.05 * want.max()  # it is not the plain projection
+    # the correlations from V P^T at hand (prototype mining's path) are the same
+    np.testing.assert_allclose(proj.correlations(v, plain=v @ basis.T), proj.correlations(v), rtol=1e-5, atol=1e-4)
+    assert NNLSProjector.from_basis(basis, u, 0.0).reader is None  # alpha 0: the plain projection
+
+
+def test_logit_aware_codes_keep_the_class_logit_at_a_small_cost_in_reconstruction():
+    """A basis missing one of the pixels' parts: the plain codes leave part of u . GAP(A) out; the
+    logit-aware codes leave less out, and reconstruct the pixels almost as well."""
+    rng = np.random.default_rng(13)
+    parts = np.abs(rng.standard_normal((4, C))) * (rng.random((4, C)) < 0.6)
+    n = 8
+    z = rng.exponential(1.0, (n * H * W, 4)) * (rng.random((n * H * W, 4)) < 0.5)
+    v = np.maximum(z @ parts + 0.1 * rng.standard_normal((n * H * W, C)), 0.0)
+    basis = parts[:3] + 0.05  # the fourth part is not a concept
+    u = np.abs(rng.standard_normal(C))
+    gaps = v.reshape(n, H * W, C).mean(axis=1)
+    out = {}
+    for alpha in (0.0, 100.0):
+        s = weighted_nnls_oracle(basis, v, u, alpha) if alpha else nnls_oracle(basis, v)
+        recon = (s @ basis).reshape(n, H * W, C).mean(axis=1)
+        out[alpha] = (float(np.abs((gaps - recon) @ u).mean()), float(np.linalg.norm(v - s @ basis) / np.linalg.norm(v)))
+    (plain_err, plain_rec), (aware_err, aware_rec) = out[0.0], out[100.0]
+    assert aware_err < 0.5 * plain_err, out
+    assert aware_rec < plain_rec + 0.05, out
+
+
+def test_a_bundles_logit_weight_makes_the_explainer_project_logit_aware():
+    rng = np.random.default_rng(14)
+    w = rng.standard_normal((K, C)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    bases = class_bases()
+    bundle = memory_bundle(bases, {cid: p @ w[cid] for cid, p in bases.items()}, head_weight=w, head_bias=b)
+    bundle.manifest.method = dataclasses.replace(bundle.manifest.method, logit_weight=30.0)
+    explainer = Explainer(bundle)
+    f = relu_features(15)
+    logits = (np.einsum("kc,chw->k", w, f) / (H * W) + b).astype(np.float32)
+    ex = explainer.explain(f, logits, 2)
+    want = weighted_nnls_oracle(bases[2], pixels64(f), w[2], 30.0)
+    for c in ex.concepts:
+        assert abs(c.presence - want[:, c.concept].mean()) <= 2e-3 * want.max()
+    total = sum(c.contribution for c in ex.concepts) + ex.residual + ex.bias
+    assert total == pytest.approx(float(logits[2]), rel=1e-4, abs=1e-4)  # the identity holds all the same
 
 
 # -- (2) a linear head: the identity against W . GAP(A) + b computed here ---------------------------

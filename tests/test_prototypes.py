@@ -14,16 +14,27 @@ from conceptlens.precompute.prototypes import RecordPool, head_on_windows, mine_
 from conceptlens.precompute.windows import window_means
 
 
-def brute_force(records, basis, cls, m, ranking, exclude, cells, head=None):
+def served_code(basis, v, u=None, alpha=0.0):
+    """scipy's NNLS of window mean v (C,) on basis (k, C); with the head row u and alpha > 0 the
+    logit-aware problem (service/nnls.py) written as one least squares on C + 1 rows."""
+    a, y = basis.T.astype(np.float64), v
+    if alpha:
+        root = np.sqrt(alpha / (u @ u))
+        a, y = np.vstack([a, root * (basis.astype(np.float64) @ u)[None]]), np.append(v, root * (v @ u))
+    return nnls(a, y)[0]
+
+
+def brute_force(records, basis, cls, m, ranking, exclude, cells, head=None, alpha=0.0):
     scores = []
+    u = None if head is None else head[0][cls].astype(np.float64)
     for r in records:
         if exclude and r.predicted == cls:
             continue
         for w, v in enumerate(window_means(r.features[None], cells)[0].astype(np.float64)):
             if ranking == "code":
-                s = nnls(basis.T.astype(np.float64), v)[0]
+                s = served_code(basis, v, u, alpha)
             elif ranking == "evidence":  # the code times the head's softmax probability of the class
-                s = nnls(basis.T.astype(np.float64), v)[0] * softmax(head[0] @ v + head[1])[cls]
+                s = served_code(basis, v, u, alpha) * softmax(head[0] @ v + head[1])[cls]
             else:
                 s = basis @ v / (np.linalg.norm(basis, axis=1) * np.linalg.norm(v) + 1e-12)
             scores.append((s, r.key, w))
@@ -41,8 +52,8 @@ def brute_force(records, basis, cls, m, ranking, exclude, cells, head=None):
     return out
 
 
-@pytest.mark.parametrize("block", [3, 64])  # many blocks and one: the running top merges them
-def test_mined_crops_are_the_brute_force_top(block):
+@pytest.mark.parametrize("block,alpha", [(3, 0.0), (64, 0.0), (3, 100.0)])  # many blocks and one; logit-aware codes
+def test_mined_crops_are_the_brute_force_top(block, alpha):
     rng = np.random.default_rng(3)
     classes = (0, 1, 2)
     records = []
@@ -52,11 +63,12 @@ def test_mined_crops_are_the_brute_force_top(block):
     bases = {c: np.abs(rng.standard_normal((2 + c, 16))).astype(np.float32) for c in classes}
     head = (rng.standard_normal((3, 16)).astype(np.float32), rng.standard_normal(3).astype(np.float32))
     pool = RecordPool(records, cells=2, block=block)
-    mined = mine_classes(pool, bases, m=4, window_logits=head_on_windows(*head))
+    mined = mine_classes(pool, bases, m=4, window_logits=head_on_windows(*head),
+                         logit_rows={c: head[0][c] for c in classes} if alpha else None, logit_weight=alpha)
     for c in classes:
         for ranking in ("evidence", "code", "cosine"):
             for exclude in (False, True):
-                want = brute_force(records, bases[c], c, 4, ranking, exclude, cells=2, head=head)
+                want = brute_force(records, bases[c], c, 4, ranking, exclude, cells=2, head=head, alpha=alpha)
                 got = mined[c][(ranking, exclude)]
                 assert len(got) == len(bases[c])
                 for j, (g, w) in enumerate(zip(got, want)):
